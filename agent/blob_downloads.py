@@ -1,0 +1,265 @@
+"""Single-flight origin downloads that stream to every waiting client while they land on disk.
+
+One ``Download`` per digest fetches from the origin in the agent's service nursery, not in a
+client's request, so a client that disconnects never cancels what others wait on. Bytes travel:
+
+    origin socket -> httpx chunks -> pending buffer -> worker thread: pwrite + sha256 -> partial file
+                                                                                      |
+                       every waiting client: os.sendfile(partial file, [sent, available)) <-+
+
+The event loop only moves bytes between httpx and the pending buffer; the worker thread writes and
+hashes whole batches (hashlib releases the GIL), so hashing runs on the other core while the loop
+receives the next batch. The batch size adapts: whatever arrived while the thread was busy.
+When the origin drops the connection, the download resumes with ``Range: bytes=N-``.
+At the end the sha256 gates the commit: on a mismatch every waiting client's response is
+aborted (so it retries) and nothing is cached.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import httpx
+import trio
+
+from agent.content_store import ContentStore, PartialBlob, is_disk_full
+from agent.origin_client import OriginClient, OriginRequest
+from p2preg.config import AgentConfig
+from p2preg.digest import Digest
+from p2preg.errors import DigestMismatch, P2PRegError, RegistryError, UpstreamUnavailable
+
+log = logging.getLogger(__name__)
+
+# The loop stops reading from the origin when this much is waiting for the writer thread:
+# backpressure instead of an unbounded buffer.
+MAX_PENDING_BYTES = 32 * 1024 * 1024
+MAX_RESUMES = 5
+
+
+class DownloadFailed(P2PRegError):
+    """The download ended without a verified blob; waiting responses must be aborted."""
+
+
+class Download:
+    """One blob being fetched from the origin. Its state has one writer: ``run``."""
+
+    def __init__(self, digest: Digest, partial: PartialBlob) -> None:
+        self.digest = digest
+        self.partial = partial
+        self.size: int | None = None  # from the origin's Content-Length, once known
+        self.available = 0  # bytes written to the partial file and hashed
+        self.done = False
+        self.verified = False  # the whole blob matched its digest
+        self.error: BaseException | None = None
+        self.origin_requests = 0
+        self.bytes_from_origin = 0
+        self.reserved = 0
+        self.headers_known = trio.Event()
+        self._progress = trio.Event()
+
+    def notify(self) -> None:
+        self._progress.set()
+        self._progress = trio.Event()
+
+    async def wait_beyond(self, offset: int) -> None:
+        """Return once more than ``offset`` bytes are available, or the download ended."""
+        while self.available <= offset and not self.done:
+            await self._progress.wait()
+
+    async def wait_verdict(self) -> None:
+        """Return once the digest check passed or the download failed."""
+        while not self.verified and not self.done:
+            await self._progress.wait()
+
+    async def wait_headers(self) -> None:
+        await self.headers_known.wait()
+        if self.error is not None and self.size is None:
+            raise self.error
+
+
+class BlobDownloads:
+    """Owns every origin download of the agent; callers join an existing one by digest."""
+
+    def __init__(
+        self,
+        store: ContentStore,
+        origin: OriginClient,
+        config: AgentConfig,
+        nursery: trio.Nursery,
+        on_committed: Callable[[Digest], None] | None = None,
+    ) -> None:
+        self._store = store
+        self._origin = origin
+        self._config = config
+        self._nursery = nursery
+        self._active: dict[Digest, Download] = {}
+        self._on_committed = on_committed
+        self.origin_requests = 0
+
+    def active(self, digest: Digest) -> Download | None:
+        return self._active.get(digest)
+
+    def start(self, digest: Digest, request: OriginRequest) -> Download:
+        """Join the download of ``digest`` or start one. Never blocks."""
+        download = self._active.get(digest)
+        if download is None:
+            download = Download(digest, self._store.new_partial(digest))
+            self._active[digest] = download
+            self._nursery.start_soon(self._run, download, request)
+        return download
+
+    async def _run(self, download: Download, request: OriginRequest) -> None:
+        try:
+            await self._fetch(download, request)
+            if download.size is not None and download.available != download.size:
+                raise UpstreamUnavailable(
+                    f"origin sent {download.available} of {download.size} bytes"
+                )
+            partial = download.partial
+            if not partial.verified():
+                raise DigestMismatch(str(download.digest), partial.actual_digest())
+            download.verified = True
+            download.notify()  # waiting clients may finish now; durability is our business
+            await trio.to_thread.run_sync(partial.sync)
+            self._store.commit(partial)
+            if self._on_committed is not None:
+                self._on_committed(download.digest)
+            log.info("cached %s (%d bytes) from the origin", download.digest, download.available)
+        except BaseException as raised:
+            exc = _single_leaf(raised)
+            if not download.verified:  # after the verdict, clients already have good bytes
+                download.error = exc
+            self._store.discard(download.partial)
+            if isinstance(exc, DigestMismatch):
+                log.error("origin content for %s failed verification: %s", download.digest, exc)
+            elif isinstance(exc, Exception):
+                log.warning("download of %s failed: %s", download.digest, exc)
+            if not isinstance(raised, Exception):
+                raise
+        finally:
+            self._store.release(download.reserved)
+            download.done = True
+            download.headers_known.set()
+            download.notify()
+            del self._active[download.digest]
+
+    async def _fetch(self, download: Download, request: OriginRequest) -> None:
+        """Receive the blob from the origin, resuming after dropped connections."""
+        writer = _BatchingWriter(download, self._write)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run)
+            try:
+                resumes = 0
+                while True:
+                    try:
+                        await self._stream_once(download, request, writer)
+                        break
+                    except (httpx.TransportError, UpstreamUnavailable) as exc:
+                        resumes += 1
+                        if resumes > MAX_RESUMES:
+                            raise
+                        log.info("download of %s interrupted (%s); resuming", download.digest, exc)
+            except BaseException:
+                nursery.cancel_scope.cancel()
+                raise
+            finally:
+                writer.close()
+
+    async def _stream_once(
+        self, download: Download, request: OriginRequest, writer: _BatchingWriter
+    ) -> None:
+        offset = writer.received
+        self.origin_requests += 1
+        download.origin_requests += 1
+        async with self._origin.stream_blob(request, download.digest, offset) as response:
+            if not download.headers_known.is_set():
+                download.size = _total_size(response)
+                if download.size is not None:
+                    if download.size > self._store.capacity:
+                        log.warning("%s is larger than the cache; it will not be kept",
+                                    download.digest)
+                    else:
+                        self._store.reserve(download.size)
+                        download.reserved = download.size
+                download.headers_known.set()
+            async for chunk in response.aiter_raw():
+                download.bytes_from_origin += len(chunk)
+                if download.size is not None and writer.received + len(chunk) > download.size:
+                    raise UpstreamUnavailable("origin sent more bytes than its Content-Length")
+                await writer.put(chunk)
+
+    def _write(self, partial: PartialBlob, data: bytes) -> None:
+        try:
+            partial.write_and_hash(data)
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise RegistryError("UNAVAILABLE", "the agent's disk is full") from exc
+            raise
+
+
+def _total_size(response: httpx.Response) -> int | None:
+    """The blob's full size from a 200's Content-Length or a 206's Content-Range."""
+    if response.status_code == 206:
+        total = response.headers.get("content-range", "").rpartition("/")[2]
+        return int(total) if total.isdigit() else None
+    length = response.headers.get("content-length")
+    return int(length) if length is not None and length.isdigit() else None
+
+
+class _BatchingWriter:
+    """Hands received chunks to a worker thread in batches, with bounded buffering.
+
+    The receiving task calls ``put``; ``run`` takes everything that accumulated while the thread
+    was busy, so batches grow when the disk or the hash is the bottleneck and stay small (low
+    latency to the first byte) when the network is.
+    """
+
+    def __init__(
+        self, download: Download, write: Callable[[PartialBlob, bytes], None]
+    ) -> None:
+        self._download = download
+        self._write = write
+        self._chunks: list[bytes] = []
+        self._pending = 0
+        self._closed = False
+        self._data_ready = trio.Event()
+        self._space_ready = trio.Event()
+        self.received = 0
+
+    async def put(self, chunk: bytes) -> None:
+        while self._pending >= MAX_PENDING_BYTES:
+            await self._space_ready.wait()
+        self._chunks.append(chunk)
+        self._pending += len(chunk)
+        self.received += len(chunk)
+        self._data_ready.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._data_ready.set()
+
+    async def run(self) -> None:
+        download = self._download
+        while True:
+            if not self._chunks:
+                if self._closed:
+                    return
+                await self._data_ready.wait()
+                self._data_ready = trio.Event()
+                continue
+            batch, self._chunks = self._chunks, []
+            data = batch[0] if len(batch) == 1 else b"".join(batch)
+            await trio.to_thread.run_sync(self._write, download.partial, data)
+            self._pending -= len(data)
+            self._space_ready.set()
+            self._space_ready = trio.Event()
+            download.available = download.partial.written
+            download.notify()
+
+
+def _single_leaf(exc: BaseException) -> BaseException:
+    """Nurseries wrap errors in groups; a waiting client wants the one error that happened."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc

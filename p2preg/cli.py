@@ -1,0 +1,116 @@
+"""The ``p2preg`` command: one console script, one subcommand per component.
+
+Bad flags or configuration print one line and exit 2; nothing here prints a traceback for bad
+input. The agent's flags map 1:1 to ``P2PREG_<NAME>`` environment variables and TOML keys
+(docs/configuration.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from p2preg.config import AgentConfig, build_agent_config, parse_config_file
+from p2preg.errors import ConfigError
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _agent_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "agent",
+        help="run the node agent (local OCI registry endpoint with a pull-through cache)",
+        description="Run the node agent. Every flag also reads P2PREG_<NAME> from the "
+        "environment and <name> from --config; precedence: flag, environment, file, default.",
+    )
+    add = parser.add_argument
+    add("--registry-addr", metavar="HOST:PORT", help="local OCI endpoint (default 127.0.0.1:5080)")
+    add(
+        "--upstream",
+        action="append",
+        metavar="[NS=]URL",
+        help="origin registry: a default URL, or NS=URL for containerd's ns parameter "
+        "(repeatable; default https://registry-1.docker.io and docker.io=that)",
+    )
+    add("--data-dir", metavar="DIR", help="content store directory (default ./p2preg-data)")
+    add("--cache-size", metavar="SIZE", help="store capacity, e.g. 20GiB (default 10GiB)")
+    add("--config", metavar="FILE", help="TOML file with the same keys (registry_addr, ...)")
+    add("--docker-config", metavar="FILE", help="docker config.json to read credentials from")
+    add(
+        "--mirror-all",
+        action="store_const",
+        const=True,
+        help="fetch from https://<ns> for a registry with no configured upstream",
+    )
+    add("--tag-ttl", metavar="DURATION", help="how long a resolved tag is trusted (default 5s)")
+    add("--request-timeout", metavar="DURATION", help="deadline for an origin answer (60s)")
+    add("--idle-timeout", metavar="DURATION", help="a download stalled this long is retried (30s)")
+    add("--connect-timeout", metavar="DURATION", help="origin connect timeout (10s)")
+    add("--log-level", metavar="LEVEL", help="debug, info, warning or error (default info)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(prog="p2preg", description="Peer-to-peer container image distribution")
+    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
+    _agent_parser(subparsers)
+    return parser
+
+
+def load_agent_config(args: argparse.Namespace, env: dict[str, str]) -> AgentConfig:
+    flags = {key: value for key, value in vars(args).items() if key != "command"}
+    config_path = flags.pop("config", None) or env.get("P2PREG_CONFIG")
+    file_values: dict[str, Any] = {}
+    if config_path:
+        try:
+            text = Path(config_path).read_text("utf-8")
+        except OSError as exc:
+            raise ConfigError(f"config file {config_path}: {exc.strerror}") from None
+        file_values = parse_config_file(text, config_path)
+    return build_agent_config(flags, env, file_values)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # httpx logs every request at INFO; that is our own log's job.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "agent":
+            config = load_agent_config(args, dict(os.environ))
+            _configure_logging(config.log_level)
+            return _run_agent(config)
+    except ConfigError as exc:
+        print(f"p2preg: {exc}", file=sys.stderr)
+        return 2
+    parser.error(f"unknown command {args.command}")
+
+
+def _run_agent(config: AgentConfig) -> int:
+    import trio
+
+    from agent.service import run_agent
+
+    try:
+        trio.run(run_agent, config)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Agent configuration: one frozen object built from flags, environment and a TOML file.
+
+Precedence is flag, then environment (``P2PREG_<NAME>``; repeatable options comma-separated),
+then the config file, then the built-in default. This module is pure: the caller passes the
+parsed flags, the environment mapping and the file's text in, so it can be tested without IO.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from p2preg.errors import ConfigError
+from p2preg.reference import DOCKER_HUB_NAMESPACE
+from p2preg.units import parse_duration, parse_size
+
+DEFAULT_REGISTRY_ADDR = "127.0.0.1:5080"
+DOCKER_HUB_URL = "https://registry-1.docker.io"
+ENV_PREFIX = "P2PREG_"
+_NAMESPACE_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:\d{1,5})?")
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    username: str
+    password: str
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """An origin registry. ``url`` has no trailing slash, e.g. ``https://registry-1.docker.io``."""
+
+    url: str
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).netloc
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    registry_host: str = "127.0.0.1"
+    registry_port: int = 5080
+    default_upstream: Upstream | None = Upstream(DOCKER_HUB_URL)
+    # containerd's ``ns`` query parameter (a registry host name) -> origin.
+    namespace_upstreams: Mapping[str, Upstream] = field(
+        default_factory=lambda: {DOCKER_HUB_NAMESPACE: Upstream(DOCKER_HUB_URL)}
+    )
+    mirror_all: bool = False
+    data_dir: str = "p2preg-data"
+    cache_size: int = 10 * 1024**3
+    # Registry host (``host[:port]`` of an upstream URL) -> credentials.
+    credentials: Mapping[str, Credentials] = field(default_factory=dict)
+    docker_config: str | None = None
+    tag_ttl: float = 5.0
+    connect_timeout: float = 10.0
+    # A download that makes no progress for this long is retried (then failed).
+    idle_timeout: float = 30.0
+    # Total time a manifest request or a blob's first byte may take, retries included.
+    request_timeout: float = 60.0
+    log_level: str = "info"
+
+
+def parse_host_port(text: str, what: str) -> tuple[str, int]:
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"{what}: expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port_text)
+
+
+def parse_upstream_url(text: str, what: str = "upstream") -> Upstream:
+    parts = urlsplit(text.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise ConfigError(f"{what}: expected an http(s) URL such as https://ghcr.io, got {text!r}")
+    if parts.path not in ("", "/"):
+        raise ConfigError(f"{what}: the URL must not have a path (got {parts.path!r} in {text!r})")
+    return Upstream(f"{parts.scheme}://{parts.netloc}")
+
+
+def parse_upstreams(values: list[str]) -> tuple[Upstream | None, dict[str, Upstream]]:
+    """``["https://a", "docker.io=https://b"]`` -> (default, {namespace: upstream})."""
+    default: Upstream | None = None
+    by_namespace: dict[str, Upstream] = {}
+    for value in values:
+        namespace, sep, url = value.partition("=")
+        if sep:
+            namespace = namespace.strip().lower()
+            if not _NAMESPACE_RE.fullmatch(namespace):
+                raise ConfigError(f"upstream: invalid registry namespace {namespace!r}")
+            by_namespace[namespace] = parse_upstream_url(url, f"upstream {namespace}")
+        else:
+            if default is not None:
+                raise ConfigError("upstream: more than one default upstream (URL without NS=)")
+            default = parse_upstream_url(value)
+    return default, by_namespace
+
+
+def _as_bool(value: Any, what: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{what}: expected true or false, got {value!r}")
+
+
+def _as_list(value: Any, what: str) -> list[str]:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return list(value)
+    raise ConfigError(f"{what}: expected a list of strings, got {value!r}")
+
+
+def _as_str(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{what}: expected a non-empty string, got {value!r}")
+    return value
+
+
+# Option name (flag ``--registry-addr`` / env ``P2PREG_REGISTRY_ADDR`` / file key
+# ``registry_addr``) -> converter. Repeatable options are lists.
+_OPTIONS: dict[str, Callable[[Any, str], Any]] = {
+    "registry_addr": _as_str,
+    "upstream": _as_list,
+    "mirror_all": _as_bool,
+    "data_dir": _as_str,
+    "cache_size": lambda v, w: parse_size(v, w),
+    "docker_config": _as_str,
+    "tag_ttl": lambda v, w: parse_duration(v, w),
+    "connect_timeout": lambda v, w: parse_duration(v, w),
+    "idle_timeout": lambda v, w: parse_duration(v, w),
+    "request_timeout": lambda v, w: parse_duration(v, w),
+    "log_level": _as_str,
+}
+_FILE_ONLY_KEYS = {"credentials"}
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def parse_config_file(text: str, path: str) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+    unknown = set(data) - set(_OPTIONS) - _FILE_ONLY_KEYS
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown key(s) {', '.join(sorted(unknown))}")
+    return data
+
+
+def parse_credentials(value: Any) -> dict[str, Credentials]:
+    """``[credentials."ghcr.io"] username = "u" password = "p"`` in the config file."""
+    if not isinstance(value, dict):
+        raise ConfigError("credentials: expected a table of registry host -> {username, password}")
+    result: dict[str, Credentials] = {}
+    for host, entry in value.items():
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("username"), str)
+            or not isinstance(entry.get("password"), str)
+        ):
+            raise ConfigError(f"credentials.{host}: expected username and password strings")
+        result[host.lower()] = Credentials(entry["username"], entry["password"])
+    return result
+
+
+def build_agent_config(
+    flags: Mapping[str, Any],
+    env: Mapping[str, str],
+    file_values: Mapping[str, Any],
+) -> AgentConfig:
+    """Merge the three sources, validate every value, and freeze the result."""
+    chosen: dict[str, Any] = {}
+    for name, convert in _OPTIONS.items():
+        env_name = ENV_PREFIX + name.upper()
+        flag_value = flags.get(name)
+        if flag_value is not None and flag_value != []:
+            chosen[name] = convert(flag_value, f"--{name.replace('_', '-')}")
+        elif env_name in env:
+            chosen[name] = convert(env[env_name], env_name)
+        elif name in file_values:
+            chosen[name] = convert(file_values[name], f"config key {name}")
+
+    kwargs: dict[str, Any] = {}
+    if "registry_addr" in chosen:
+        kwargs["registry_host"], kwargs["registry_port"] = parse_host_port(
+            chosen.pop("registry_addr"), "registry-addr"
+        )
+    if "upstream" in chosen:
+        default, by_namespace = parse_upstreams(chosen.pop("upstream"))
+        kwargs["default_upstream"] = default
+        kwargs["namespace_upstreams"] = by_namespace
+    if "log_level" in chosen and chosen["log_level"].lower() not in LOG_LEVELS:
+        raise ConfigError(f"log-level: expected one of {', '.join(LOG_LEVELS)}")
+    if "credentials" in file_values:
+        kwargs["credentials"] = parse_credentials(file_values["credentials"])
+    if "data_dir" in chosen:
+        chosen["data_dir"] = os.path.abspath(os.path.expanduser(chosen["data_dir"]))
+    kwargs.update(chosen)
+    if kwargs.get("cache_size", 1) <= 0:
+        raise ConfigError("cache-size must be larger than zero")
+    return AgentConfig(**kwargs)
