@@ -177,8 +177,9 @@ class BlobDownloads:
                 download.size = _total_size(response)
                 if download.size is not None:
                     if download.size > self._store.capacity:
-                        log.warning("%s is larger than the cache; it will not be kept",
-                                    download.digest)
+                        log.warning(
+                            "%s is larger than the cache; it will not be kept", download.digest
+                        )
                     else:
                         self._store.reserve(download.size)
                         download.reserved = download.size
@@ -189,9 +190,9 @@ class BlobDownloads:
                     raise UpstreamUnavailable("origin sent more bytes than its Content-Length")
                 await writer.put(chunk)
 
-    def _write(self, partial: PartialBlob, data: bytes) -> None:
+    def _write(self, partial: PartialBlob, data: bytes, offset: int) -> None:
         try:
-            partial.write_and_hash(data)
+            partial.write_at(data, offset)
         except OSError as exc:
             if is_disk_full(exc):
                 raise RegistryError("UNAVAILABLE", "the agent's disk is full") from exc
@@ -216,7 +217,7 @@ class _BatchingWriter:
     """
 
     def __init__(
-        self, download: Download, write: Callable[[PartialBlob, bytes], None]
+        self, download: Download, write: Callable[[PartialBlob, bytes, int], None]
     ) -> None:
         self._download = download
         self._write = write
@@ -250,7 +251,14 @@ class _BatchingWriter:
                 continue
             batch, self._chunks = self._chunks, []
             data = batch[0] if len(batch) == 1 else b"".join(batch)
-            await trio.to_thread.run_sync(self._write, download.partial, data)
+            partial = download.partial
+            # Write and hash the batch on two worker threads at once: both release the GIL, so
+            # the copy into the page cache and sha256 run in parallel with each other and with
+            # the event loop receiving the next batch.
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.to_thread.run_sync, partial.hash, data)
+                await trio.to_thread.run_sync(self._write, partial, data, partial.written)
+            partial.written += len(data)
             self._pending -= len(data)
             self._space_ready.set()
             self._space_ready = trio.Event()

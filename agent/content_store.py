@@ -62,19 +62,22 @@ class PartialBlob:
         self.closed = False
 
     def write_and_hash(self, data: bytes | bytearray | memoryview) -> None:
-        """Append ``data`` and feed it to the hash. Blocking: run it in a worker thread.
+        """Append ``data`` and feed it to the hash. Blocking."""
+        self.write_at(data, self.written)
+        self.hasher.update(data)
+        self.written += len(data)
 
-        hashlib releases the GIL for buffers larger than 2 KiB, so hashing here overlaps with the
-        event loop receiving the next bytes on the other core.
-        """
+    def write_at(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        """pwrite all of ``data`` at ``offset``. Blocking; releases the GIL."""
         view = memoryview(data)
-        offset = self.written
         while view:
             n = os.pwrite(self.fd, view, offset)
             view = view[n:]
             offset += n
+
+    def hash(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed the hash. Blocking; hashlib releases the GIL on buffers over 2 KiB."""
         self.hasher.update(data)
-        self.written = offset
 
     def verified(self) -> bool:
         return self.digest.matches(self.hasher)

@@ -16,6 +16,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Protocol
 
 import h11
@@ -24,6 +25,7 @@ import trio
 log = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 64 * 1024
+MAX_DRAINED_BODY = 1024 * 1024
 RECEIVE_SIZE = 64 * 1024
 # Upper bound on one sendfile() call, so other connections get the event loop regularly.
 SENDFILE_CHUNK = 8 * 1024 * 1024
@@ -95,7 +97,7 @@ class _Connection:
                 if request is None:
                     return
                 keep_going = await self._respond(request)
-                if not keep_going:
+                if not keep_going or not await self._finish_request_body():
                     return
                 if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
                     self.h11.start_next_cycle()
@@ -135,6 +137,28 @@ class _Connection:
                 return None
         return None
 
+    async def _finish_request_body(self) -> bool:
+        """Consume the rest of the request (for a GET: just its EndOfMessage) so the connection
+        can be reused. A request body we did not want is drained up to a small bound; past that
+        the connection is closed instead. False when the connection must close."""
+        drained = 0
+        with trio.move_on_after(REQUEST_HEADERS_TIMEOUT):
+            while self.h11.their_state is h11.SEND_BODY:
+                try:
+                    event = self.h11.next_event()
+                except h11.RemoteProtocolError:
+                    return False
+                if event is h11.NEED_DATA:
+                    data = await self.stream.receive_some(RECEIVE_SIZE)
+                    drained += len(data)
+                    if drained > MAX_DRAINED_BODY:
+                        return False
+                    self.h11.receive_data(data)
+                elif isinstance(event, h11.ConnectionClosed):
+                    return False
+            return True
+        return False
+
     async def _send_protocol_error(self, exc: h11.RemoteProtocolError) -> None:
         if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
@@ -167,21 +191,21 @@ class _Connection:
             length = response.content_length
         if length is not None:
             headers.append((b"content-length", str(length).encode()))
-        with trio.fail_after(SEND_TIMEOUT):
-            await self.stream.send_all(
-                self.h11.send(h11.Response(status_code=response.status, headers=headers))
-            )
-        if request.method != "HEAD":
-            if isinstance(body, bytes):
-                if body:
-                    await self.send_bytes(body)
-            else:
-                try:
-                    await body.write_to(self)
-                except Exception as exc:
-                    log.warning("aborting response to %s %s: %s", request.method,
-                                request.target, exc)
-                    return False
+        head = self.h11.send(
+            h11.Response(status_code=response.status, headers=headers, reason=_reason(response))
+        )
+        if isinstance(body, bytes) or request.method == "HEAD":
+            # Small answers (errors, manifests) leave in one write.
+            payload = body if isinstance(body, bytes) and request.method != "HEAD" else b""
+            data = head + (self.h11.send(h11.Data(data=payload)) or b"" if payload else b"")
+            await self._send_all(data + (self.h11.send(h11.EndOfMessage()) or b""))
+            return True
+        await self._send_all(head)
+        try:
+            await body.write_to(self)
+        except Exception as exc:
+            log.warning("aborting response to %s %s: %s", request.method, request.target, exc)
+            return False
         await self._send_all(self.h11.send(h11.EndOfMessage()))
         return True
 
@@ -194,9 +218,12 @@ class _Connection:
     async def send_file(self, fd: int, offset: int, count: int) -> None:
         if count <= 0:
             return
-        for part in self.h11.send_with_data_passthrough(
-            h11.Data(data=_FileRange(fd, offset, count))  # type: ignore[arg-type]
-        ) or []:
+        for part in (
+            self.h11.send_with_data_passthrough(
+                h11.Data(data=_FileRange(fd, offset, count))  # type: ignore[arg-type]
+            )
+            or []
+        ):
             if isinstance(part, _FileRange):
                 await self._sendfile(part)
             else:
@@ -247,6 +274,13 @@ async def serve_http(
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, handle, listeners)
         task_status.started(listeners)
+
+
+def _reason(response: Response) -> bytes:
+    try:
+        return HTTPStatus(response.status).phrase.encode("ascii")
+    except ValueError:
+        return b""
 
 
 def bound_port(listeners: list[trio.SocketListener]) -> int:

@@ -54,7 +54,9 @@ class ManifestService:
 
     # -- tags ----------------------------------------------------------------------------------
 
-    async def resolve(self, request: OriginRequest, reference: str, accept: str | None) -> ManifestHead:
+    async def resolve(
+        self, request: OriginRequest, reference: str, accept: str | None
+    ) -> ManifestHead:
         """Digest, media type and size of a manifest named by tag or digest."""
         if Digest.is_digest(reference):
             manifest = await self.get_by_digest(request, Digest.parse(reference), accept)
@@ -70,7 +72,10 @@ class ManifestService:
             if entry is not None:
                 log.warning(
                     "origin unreachable (%s); serving last known %s:%s -> %s",
-                    exc, request.repository, reference, entry.head.digest,
+                    exc,
+                    request.repository,
+                    reference,
+                    entry.head.digest,
                 )
                 return entry.head
             raise RegistryError("UNAVAILABLE", f"origin unreachable: {exc}") from exc

@@ -21,6 +21,7 @@ from urllib.parse import urlencode, urljoin, urlsplit
 import httpx
 import trio
 
+from agent.trio_transport import TrioTransport
 from p2preg.config import AgentConfig, Credentials, Upstream
 from p2preg.digest import Digest
 from p2preg.errors import OCI_ERROR_CODES, RegistryError, UpstreamUnavailable
@@ -78,6 +79,7 @@ class OriginClient:
             follow_redirects=False,
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
             trust_env=False,
+            transport=TrioTransport(),
         )
 
     async def aclose(self) -> None:
@@ -182,8 +184,11 @@ class OriginClient:
                     raise RegistryError("UNAVAILABLE", f"origin redirected {path} too many times")
                 url = urljoin(url, response.headers["location"])
                 continue
-            if status == 401 and same_origin and not auth_retried and self._can_authenticate(
-                request
+            if (
+                status == 401
+                and same_origin
+                and not auth_retried
+                and self._can_authenticate(request)
             ):
                 auth_retried = True
                 challenge = parse_challenge(response.headers.get("www-authenticate", ""))

@@ -181,7 +181,9 @@ class RegistryEndpoint:
 
     # -- blobs ---------------------------------------------------------------------------------
 
-    async def _blob(self, request: Request, origin_request: OriginRequest, digest: Digest) -> Response:
+    async def _blob(
+        self, request: Request, origin_request: OriginRequest, digest: Digest
+    ) -> Response:
         cached = self._store.acquire(digest)
         if cached is not None:
             if request.method == "HEAD":
@@ -257,7 +259,8 @@ class RegistryEndpoint:
     async def _tags_list(self, origin_request: OriginRequest, query: str) -> Response:
         suffix = f"?{query}" if query else ""
         response = await self._origin.get_json(
-            origin_request, f"/v2/{origin_request.repository}/tags/list{suffix}",
+            origin_request,
+            f"/v2/{origin_request.repository}/tags/list{suffix}",
             MAX_TAGS_LIST_BYTES,
         )
         headers = [*API_HEADERS, ("Content-Type", "application/json")]

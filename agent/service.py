@@ -45,10 +45,15 @@ async def run_agent(
     if config.docker_config:
         credentials.update(load_docker_config(config.docker_config))
     credentials.update(config.credentials)
-    store = await trio.to_thread.run_sync(ContentStore.open, Path(config.data_dir), config.cache_size)
+    store = await trio.to_thread.run_sync(
+        ContentStore.open, Path(config.data_dir), config.cache_size
+    )
     log.info(
         "store %s: %d blobs, %d of %d bytes used",
-        config.data_dir, len(store.digests()), store.used_bytes, config.cache_size,
+        config.data_dir,
+        len(store.digests()),
+        store.used_bytes,
+        config.cache_size,
     )
     origin = OriginClient(config, credentials)
     try:

@@ -14,8 +14,9 @@ Two listeners, both bound to 127.0.0.1:
   Authorization header, the way a pre-signed storage URL works. A client that leaks its registry
   token across the redirect shows up in the CDN's request records.
 
-Server side is h11 on trio streams, client side a streaming ``httpx.AsyncClient``; every wait has
-a deadline and each connection is one task of a nursery that the caller's cancellation ends.
+Server side is h11 on trio streams, client side a streaming ``httpx.AsyncClient``; every wait
+inside the proxy has a deadline and each connection is one task of a nursery that the caller's
+cancellation ends. Request bodies are buffered (up to 64 MiB): this proxy is for pulls.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Literal
@@ -65,6 +67,7 @@ _SEND_TIMEOUT = 30.0  # one send_all to a client that stopped reading
 _CLOSE_TIMEOUT = 5.0
 _UPSTREAM_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
 _UPSTREAM_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
+_MAX_ABANDON_STEPS = 1_000  # chunks h11 may still hold in its buffer after the socket closed
 
 
 @dataclass
@@ -117,6 +120,7 @@ class RequestRecord:
     ``headers`` are the request headers as received, names lower-cased, repeated names joined
     with ", ". ``status`` is None until the response head is sent; ``complete`` turns True when
     the whole response went out (False after a drop, an upstream failure or a client hang-up).
+    ``done`` is set when the proxy has finished with the request, however it ended.
     """
 
     listener: Listener
@@ -129,6 +133,7 @@ class RequestRecord:
     status: int | None = None
     body_bytes_sent: int = 0
     complete: bool = False
+    done: trio.Event = field(default_factory=trio.Event, repr=False, compare=False)
 
 
 @dataclass
@@ -151,6 +156,7 @@ class FaultProxy:
         self.requests: list[RequestRecord] = []
         self._faults: list[_ArmedFault] = []
         self._connections_accepted = 0
+        self._arrival = trio.Event()  # set (and replaced) whenever a request is recorded
 
     def add_fault(self, fault: Fault) -> None:
         self._faults.append(_ArmedFault(fault, fault.times))
@@ -193,6 +199,28 @@ class FaultProxy:
         self, path_pattern: str, method: str | None = None, *, listener: Listener | None = None
     ) -> int:
         return len(self.records(path_pattern, method, listener=listener))
+
+    async def wait_for(
+        self,
+        path_pattern: str = "",
+        method: str | None = None,
+        *,
+        count: int = 1,
+        listener: Listener | None = None,
+    ) -> list[RequestRecord]:
+        """Wait until ``count`` matching requests have arrived; return the matching records.
+
+        Arrived, not answered: await a record's ``done`` for that. Like every trio wait it has
+        no deadline of its own; put it under ``trio.fail_after``.
+        """
+        while len(found := self.records(path_pattern, method, listener=listener)) < count:
+            await self._arrival.wait()
+        return found
+
+    def _record(self, record: RequestRecord) -> None:
+        self.requests.append(record)
+        self._arrival.set()
+        self._arrival = trio.Event()
 
     def _take_fault(self, listener: Listener, method: str, path: str) -> Fault | None:
         for armed in self._faults:
@@ -342,11 +370,29 @@ async def _respond(
         query=query,
         headers=_header_dict(request.headers),
     )
-    proxy.requests.append(record)
+    proxy._record(record)
     fault = proxy._take_fault(listener, method, path)
     record.fault = fault.kind if fault is not None else None
+    try:
+        return await _answer(proxy, client, conn, stream, record, request, body, fault)
+    finally:
+        record.done.set()
 
-    if listener == "cdn":
+
+async def _answer(
+    proxy: FaultProxy,
+    client: httpx.AsyncClient,
+    conn: h11.Connection,
+    stream: trio.SocketStream,
+    record: RequestRecord,
+    request: h11.Request,
+    body: bytes,
+    fault: Fault | None,
+) -> bool:
+    """Send the injected response, or the upstream's (possibly damaged) one."""
+    target = request.target.decode("ascii")
+    path, query = record.path, record.query
+    if record.listener == "cdn":
         if not path.startswith("/cdn/"):
             return await _send_simple(conn, stream, record, 404, _oci_error(404, "not a CDN path"))
         upstream_target = target.removeprefix("/cdn")
@@ -433,26 +479,53 @@ async def _relay_body(
     at = fault.after_bytes if fault is not None else 0
     stalled = False
     offset = 0
-    async for raw_chunk in response.aiter_raw():  # bounded by the upstream body
-        chunk = raw_chunk
-        end = offset + len(chunk)
-        if kind == "corrupt" and offset <= at < end:
-            flipped = bytearray(chunk)
-            flipped[at - offset] ^= 0xFF
-            chunk = bytes(flipped)
-        elif kind == "drop" and at <= end:
-            await _send_body(conn, stream, record, chunk[: at - offset])
-            return False
-        elif kind == "stall" and not stalled and at <= end:
-            await _send_body(conn, stream, record, chunk[: at - offset])
-            assert fault is not None
-            await trio.sleep(fault.stall_seconds)
-            stalled = True
-            chunk = chunk[at - offset :]
-        await _send_body(conn, stream, record, chunk)
-        offset = end
+    async with _upstream_chunks(response) as chunks:
+        async for raw_chunk in chunks:  # bounded by the upstream body
+            chunk = raw_chunk
+            end = offset + len(chunk)
+            if kind == "corrupt" and offset <= at < end:
+                flipped = bytearray(chunk)
+                flipped[at - offset] ^= 0xFF
+                chunk = bytes(flipped)
+            elif kind == "drop" and at <= end:
+                await _send_body(conn, stream, record, chunk[: at - offset])
+                return False
+            elif kind == "stall" and not stalled and at <= end:
+                await _send_body(conn, stream, record, chunk[: at - offset])
+                assert fault is not None
+                await trio.sleep(fault.stall_seconds)
+                stalled = True
+                chunk = chunk[at - offset :]
+            await _send_body(conn, stream, record, chunk)
+            offset = end
     # A drop past the end of the body still closes the connection, without ending the message.
     return kind != "drop"
+
+
+@asynccontextmanager
+async def _upstream_chunks(response: httpx.Response) -> AsyncIterator[AsyncIterator[bytes]]:
+    """``response.aiter_raw()``, cleaned up without a ResourceWarning even if abandoned midway.
+
+    httpx's body iterator is a chain of nested async generators (httpx, then httpcore). Leaving
+    it early (a drop, a client hang-up, a cancellation) and closing only the outer one lets the
+    inner ones be garbage collected unexhausted, which trio reports as a ResourceWarning (an
+    error under ``filterwarnings = error``; encode/httpx#3686). Closing the response first shuts
+    the upstream socket; the next step then fails at the bottom of the chain and that error
+    finishes every generator in it.
+    """
+    chunks = response.aiter_raw()
+    try:
+        yield chunks
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
+            await response.aclose()
+            for _ in range(_MAX_ABANDON_STEPS):
+                try:
+                    await chunks.__anext__()
+                except (StopAsyncIteration, Exception):
+                    break
+            if isinstance(chunks, AsyncGenerator):
+                await chunks.aclose()
 
 
 async def _send_simple(

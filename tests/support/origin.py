@@ -87,8 +87,9 @@ class OriginRegistry:
 
     def start(self) -> None:
         """Start the registry and wait (up to 15 s) until ``GET /v2/`` answers 200."""
-        if self._process is not None:
-            raise RuntimeError(f"origin registry on {self.host} is already started")
+        if self.running:
+            raise RuntimeError(f"origin registry on {self.host} is already running")
+        self._terminate()  # reap a process that died by itself, if any
         binary = require_tool("docker-registry")
         self.root_dir.mkdir(parents=True, exist_ok=True)
         self.storage_dir.mkdir(exist_ok=True)

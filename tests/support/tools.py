@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+from collections.abc import Callable
 
 import pytest
 
@@ -41,3 +42,12 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll ``predicate`` every 10 ms until it holds; fail the test after ``timeout`` seconds."""
+    import trio
+
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
