@@ -3,7 +3,7 @@
 One ``Download`` per digest fetches from the origin in the agent's service nursery, not in a
 client's request, so a client that disconnects never cancels what others wait on. Bytes travel:
 
-    origin socket -> httpx chunks -> pending buffer -> worker thread: pwrite + sha256 -> partial file
+    origin socket -> chunks -> pending buffer -> worker threads: pwrite, sha256 -> partial file
                                                                                       |
                        every waiting client: os.sendfile(partial file, [sent, available)) <-+
 
@@ -24,7 +24,7 @@ import httpx
 import trio
 
 from agent.content_store import ContentStore, PartialBlob, is_disk_full
-from agent.origin_client import OriginClient, OriginRequest
+from agent.origin_client import OriginClient, OriginRequest, body_of
 from p2preg.config import AgentConfig
 from p2preg.digest import Digest
 from p2preg.errors import DigestMismatch, P2PRegError, RegistryError, UpstreamUnavailable
@@ -122,6 +122,9 @@ class BlobDownloads:
             download.verified = True
             download.notify()  # waiting clients may finish now; durability is our business
             await trio.to_thread.run_sync(partial.sync)
+            # The reservation becomes the entry: release it first so it is not counted twice.
+            self._store.release(download.reserved)
+            download.reserved = 0
             self._store.commit(partial)
             if self._on_committed is not None:
                 self._on_committed(download.digest)
@@ -184,7 +187,8 @@ class BlobDownloads:
                         self._store.reserve(download.size)
                         download.reserved = download.size
                 download.headers_known.set()
-            async for chunk in response.aiter_raw():
+            body = body_of(response)
+            while chunk := await body.receive():
                 download.bytes_from_origin += len(chunk)
                 if download.size is not None and writer.received + len(chunk) > download.size:
                     raise UpstreamUnavailable("origin sent more bytes than its Content-Length")

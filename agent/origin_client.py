@@ -21,7 +21,7 @@ from urllib.parse import urlencode, urljoin, urlsplit
 import httpx
 import trio
 
-from agent.trio_transport import TrioTransport
+from agent.trio_transport import BODY_EXTENSION, ResponseBody, TrioTransport
 from p2preg.config import AgentConfig, Credentials, Upstream
 from p2preg.digest import Digest
 from p2preg.errors import OCI_ERROR_CODES, RegistryError, UpstreamUnavailable
@@ -126,7 +126,10 @@ class OriginClient:
     async def stream_blob(
         self, request: OriginRequest, digest: Digest, offset: int = 0
     ) -> AsyncIterator[httpx.Response]:
-        """Open a blob download at ``offset``; the response is 200 (offset 0) or 206."""
+        """Open a blob download at ``offset``; the response is 200 (offset 0) or 206.
+
+        Read the body with ``body_of(response).receive()`` until it returns b"".
+        """
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         path = f"/v2/{request.repository}/blobs/{digest}"
         response = await self._send(request, "GET", path, headers, "BLOB_UNKNOWN")
@@ -172,7 +175,9 @@ class OriginClient:
                 if attempts < MAX_ATTEMPTS and await self._backoff(attempts, deadline):
                     log.info("origin %s: %s %s failed (%s); retrying", url, method, path, exc)
                     continue
-                raise UpstreamUnavailable(f"origin {request.upstream.url} unreachable: {exc!r}")
+                raise UpstreamUnavailable(
+                    f"origin {request.upstream.url} unreachable: {exc!r}"
+                ) from exc
 
             status = response.status_code
             if 200 <= status < 300:
@@ -285,7 +290,9 @@ class OriginClient:
             with trio.fail_after(self._config.request_timeout):
                 response = await self._http.get(token_url, headers=headers, follow_redirects=True)
         except (httpx.TransportError, trio.TooSlowError) as exc:
-            raise UpstreamUnavailable(f"token endpoint {challenge.realm} unreachable: {exc!r}")
+            raise UpstreamUnavailable(
+                f"token endpoint {challenge.realm} unreachable: {exc!r}"
+            ) from exc
         if response.status_code in (401, 403):
             return False
         if response.status_code != 200:
@@ -305,6 +312,14 @@ class OriginClient:
         key = (request.upstream.url, pull_scope(request.repository), self._identity(request))
         self._tokens[key] = _Token(token, expires_at)
         return True
+
+
+def body_of(response: httpx.Response) -> ResponseBody:
+    """The transport's own body reader of a streamed response (see ResponseBody)."""
+    body = response.extensions.get(BODY_EXTENSION)
+    if not isinstance(body, ResponseBody):
+        raise TypeError("response was not produced by TrioTransport")
+    return body
 
 
 def _basic(credentials: Credentials) -> str:

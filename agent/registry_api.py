@@ -47,9 +47,10 @@ MAX_TAGS_LIST_BYTES = 8 * 1024 * 1024
 
 
 def error_response(error: RegistryError) -> Response:
-    body = {"errors": [{"code": error.code, "message": error.message}]}
+    entry: dict[str, object] = {"code": error.code, "message": error.message}
     if error.detail is not None:
-        body["errors"][0]["detail"] = error.detail
+        entry["detail"] = error.detail
+    body = {"errors": [entry]}
     headers = [*API_HEADERS, ("Content-Type", "application/json")]
     headers += list(error.headers.items())
     return Response(error.status, headers, json.dumps(body).encode() + b"\n")
@@ -274,9 +275,14 @@ def _plausible_host(namespace: str) -> bool:
 
 
 class _Body:
+    """A blob response body (a BodyWriter) that owns a file descriptor until it is sent."""
+
     byte_range: ByteRange | None = None
 
     def close(self) -> None:
+        raise NotImplementedError
+
+    async def write_to(self, sink: BodySink) -> None:
         raise NotImplementedError
 
 

@@ -31,6 +31,8 @@ RECEIVE_SIZE = 64 * 1024  # measured best for h11's buffer (larger reads are slo
 RAW_BODY_THRESHOLD = 1024 * 1024
 RAW_RECEIVE_SIZE = 1024 * 1024
 MAX_IDLE_PER_ORIGIN = 8
+# Response extension under which the transport exposes the ResponseBody itself.
+BODY_EXTENSION = "p2preg.body"
 MAX_HEADER_BYTES = 64 * 1024
 
 
@@ -65,7 +67,7 @@ class _Connection:
                 raise httpx.ReadError(f"connection to the origin failed: {exc!r}") from exc
             if not data and self.h11.their_state is h11.SEND_RESPONSE:
                 raise httpx.RemoteProtocolError("the origin closed the connection before answering")
-            self.h11.receive_data(data)
+            self.h11.receive_data(bytes(data))
 
     async def send(self, data: bytes, write_timeout: float | None) -> None:
         try:
@@ -81,7 +83,13 @@ class _Connection:
             await trio.aclose_forcefully(self.stream)
 
 
-class _ResponseStream(httpx.AsyncByteStream):
+class ResponseBody(httpx.AsyncByteStream):
+    """A response body. ``receive()`` is the primary interface: a plain coroutine, not an async
+    generator, so a reader that stops early (a cancelled download) leaves no half-run generator
+    chain behind for the garbage collector to warn about (encode/httpx#3686). httpx's own
+    iteration goes through ``__aiter__``, a thin loop over ``receive()``.
+    """
+
     def __init__(
         self,
         transport: TrioTransport,
@@ -92,48 +100,60 @@ class _ResponseStream(httpx.AsyncByteStream):
         self._transport = transport
         self._connection = connection
         self._read_timeout = read_timeout
-        self._raw_length = raw_length
+        self._raw_remaining = raw_length
+        self._raw_started = False
+        self._ended = False
         self._closed = False
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        connection = self._connection
-        if self._raw_length is not None:
-            connection.raw_body = True
-            async for chunk in self._raw_body(self._raw_length):
-                yield chunk
-            return
+    async def receive(self) -> bytes:
+        """The next piece of the body; b"" once it has all arrived."""
+        if self._ended:
+            return b""
+        if self._raw_remaining is not None:
+            return await self._receive_raw()
         while True:
-            event = await connection.next_event(self._read_timeout)
+            event = await self._connection.next_event(self._read_timeout)
             if isinstance(event, h11.Data):
-                yield bytes(event.data)
-            elif isinstance(event, h11.EndOfMessage):
-                break
-            elif isinstance(event, h11.ConnectionClosed):
+                return bytes(event.data)
+            if isinstance(event, h11.EndOfMessage):
+                self._ended = True
+                return b""
+            if isinstance(event, h11.ConnectionClosed):
                 raise httpx.RemoteProtocolError("the origin closed the connection mid-body")
 
-    async def _raw_body(self, length: int) -> AsyncIterator[bytes]:
+    async def _receive_raw(self) -> bytes:
         connection = self._connection
-        buffered = bytes(connection.h11.trailing_data[0][:length])
-        remaining = length
-        if buffered:
-            remaining -= len(buffered)
-            yield buffered
-        while remaining:
-            try:
-                with trio.fail_after(
-                    self._read_timeout if self._read_timeout is not None else float("inf")
-                ):
-                    data = await connection.stream.receive_some(min(RAW_RECEIVE_SIZE, remaining))
-            except trio.TooSlowError:
-                raise httpx.ReadTimeout("timed out reading from the origin") from None
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                raise httpx.ReadError(f"connection to the origin failed: {exc!r}") from exc
-            if not data:
-                raise httpx.RemoteProtocolError(
-                    f"the origin closed the connection {remaining} bytes before the body's end"
-                )
-            remaining -= len(data)
-            yield data
+        remaining = self._raw_remaining
+        assert remaining is not None
+        if not self._raw_started:
+            self._raw_started = True
+            connection.raw_body = True
+            buffered = bytes(connection.h11.trailing_data[0][:remaining])
+            if buffered:
+                self._raw_remaining = remaining - len(buffered)
+                return buffered
+        if remaining == 0:
+            self._ended = True
+            return b""
+        try:
+            with trio.fail_after(
+                self._read_timeout if self._read_timeout is not None else float("inf")
+            ):
+                data = await connection.stream.receive_some(min(RAW_RECEIVE_SIZE, remaining))
+        except trio.TooSlowError:
+            raise httpx.ReadTimeout("timed out reading from the origin") from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise httpx.ReadError(f"connection to the origin failed: {exc!r}") from exc
+        if not data:
+            raise httpx.RemoteProtocolError(
+                f"the origin closed the connection {remaining} bytes before the body's end"
+            )
+        self._raw_remaining = remaining - len(data)
+        return bytes(data)
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while chunk := await self.receive():
+            yield chunk
 
     async def aclose(self) -> None:
         if self._closed:
@@ -169,15 +189,15 @@ class TrioTransport(httpx.AsyncBaseTransport):
         headers = [(k, v) for k, v in request.headers.raw if k.lower() != b"connection"]
         if not any(k.lower() == b"host" for k, _ in headers):
             headers.insert(0, (b"host", request.url.netloc))
-        body = b"".join([part async for part in request.stream])  # type: ignore[union-attr]
-        if body and not any(k.lower() == b"content-length" for k, _ in headers):
-            headers.append((b"content-length", str(len(body)).encode()))
+        request_body = b"".join([part async for part in request.stream])  # type: ignore[union-attr]
+        if request_body and not any(k.lower() == b"content-length" for k, _ in headers):
+            headers.append((b"content-length", str(len(request_body)).encode()))
         target = request.url.raw_path
         data = connection.h11.send(
             h11.Request(method=request.method.encode(), target=target, headers=headers)
         )
-        if body:
-            data += connection.h11.send(h11.Data(data=body))
+        if request_body:
+            data += connection.h11.send(h11.Data(data=request_body))
         data += connection.h11.send(h11.EndOfMessage())
         await connection.send(data, timeouts.get("write"))
         read_timeout = timeouts.get("read")
@@ -188,17 +208,25 @@ class TrioTransport(httpx.AsyncBaseTransport):
             if isinstance(event, h11.Response):
                 break
             raise httpx.RemoteProtocolError(f"unexpected {type(event).__name__} from the origin")
+        body = ResponseBody(self, connection, read_timeout, _raw_length(request, event))
         return httpx.Response(
             status_code=event.status_code,
             headers=list(event.headers),
-            stream=_ResponseStream(self, connection, read_timeout, _raw_length(request, event)),
-            extensions={"http_version": b"HTTP/1.1", "reason_phrase": event.reason},
+            stream=body,
+            extensions={
+                "http_version": b"HTTP/1.1",
+                "reason_phrase": event.reason,
+                BODY_EXTENSION: body,
+            },
         )
 
-    async def _connect(self, origin: tuple[str, str, int], timeout: float | None) -> _Connection:
+    async def _connect(
+        self, origin: tuple[str, str, int], connect_timeout: float | None
+    ) -> _Connection:
         scheme, host, port = origin
         try:
-            with trio.fail_after(timeout if timeout is not None else float("inf")):
+            limit = connect_timeout if connect_timeout is not None else float("inf")
+            with trio.fail_after(limit):
                 stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
                 if scheme == "https":
                     tls = trio.SSLStream(stream, self._ssl_context, server_hostname=host)

@@ -44,10 +44,11 @@ def free_port() -> int:
         return port
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+async def wait_until(predicate: Callable[[], bool], seconds: float = 10.0) -> None:
     """Poll ``predicate`` every 10 ms until it holds; fail the test after ``timeout`` seconds."""
     import trio
 
-    with trio.fail_after(timeout):
-        while not predicate():
+    # Polling is the point here: the predicate reads state no event announces.
+    with trio.fail_after(seconds):
+        while not predicate():  # noqa: ASYNC110
             await trio.sleep(0.01)

@@ -68,7 +68,7 @@ def test_bad_values(flags: dict[str, object], message: str) -> None:
 def test_bad_file() -> None:
     with pytest.raises(ConfigError, match="unknown key"):
         parse_config_file("colour = 'blue'\n", "f.toml")
-    with pytest.raises(ConfigError, match="f.toml"):
+    with pytest.raises(ConfigError, match=r"f\.toml"):
         parse_config_file("registry_addr = \n", "f.toml")
 
 
