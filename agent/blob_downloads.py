@@ -7,9 +7,8 @@ client's request, so a client that disconnects never cancels what others wait on
                                                                                       |
                        every waiting client: os.sendfile(partial file, [sent, available)) <-+
 
-The event loop only moves bytes between httpx and the pending buffer; the worker thread writes and
-hashes whole batches (hashlib releases the GIL), so hashing runs on the other core while the loop
-receives the next batch. The batch size adapts: whatever arrived while the thread was busy.
+The event loop only receives; two dedicated threads write and hash (agent/disk_pipeline.py), so
+the copy to the page cache and sha256 run on the other core while the loop receives more.
 When the origin drops the connection, the download resumes with ``Range: bytes=N-``.
 At the end the sha256 gates the commit: on a mismatch every waiting client's response is
 aborted (so it retries) and nothing is cached.
@@ -24,6 +23,7 @@ import httpx
 import trio
 
 from agent.content_store import ContentStore, PartialBlob, is_disk_full
+from agent.disk_pipeline import WriteHashPipeline
 from agent.origin_client import OriginClient, OriginRequest, body_of
 from p2preg.config import AgentConfig
 from p2preg.digest import Digest
@@ -149,28 +149,30 @@ class BlobDownloads:
 
     async def _fetch(self, download: Download, request: OriginRequest) -> None:
         """Receive the blob from the origin, resuming after dropped connections."""
-        writer = _BatchingWriter(download, self._write)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(writer.run)
-            try:
-                resumes = 0
-                while True:
-                    try:
-                        await self._stream_once(download, request, writer)
-                        break
-                    except (httpx.TransportError, UpstreamUnavailable) as exc:
-                        resumes += 1
-                        if resumes > MAX_RESUMES:
-                            raise
-                        log.info("download of %s interrupted (%s); resuming", download.digest, exc)
-            except BaseException:
-                nursery.cancel_scope.cancel()
-                raise
-            finally:
-                writer.close()
+
+        def on_written(total: int) -> None:
+            download.available = total
+            download.notify()
+
+        pipeline = WriteHashPipeline(download.partial, self._write, on_written, MAX_PENDING_BYTES)
+        try:
+            resumes = 0
+            while True:
+                try:
+                    await self._stream_once(download, request, pipeline)
+                    break
+                except (httpx.TransportError, UpstreamUnavailable) as exc:
+                    resumes += 1
+                    if resumes > MAX_RESUMES:
+                        raise
+                    log.info("download of %s interrupted (%s); resuming", download.digest, exc)
+            await pipeline.finish()
+        except BaseException:
+            await pipeline.abort()
+            raise
 
     async def _stream_once(
-        self, download: Download, request: OriginRequest, writer: _BatchingWriter
+        self, download: Download, request: OriginRequest, writer: WriteHashPipeline
     ) -> None:
         offset = writer.received
         self.origin_requests += 1
@@ -210,64 +212,6 @@ def _total_size(response: httpx.Response) -> int | None:
         return int(total) if total.isdigit() else None
     length = response.headers.get("content-length")
     return int(length) if length is not None and length.isdigit() else None
-
-
-class _BatchingWriter:
-    """Hands received chunks to a worker thread in batches, with bounded buffering.
-
-    The receiving task calls ``put``; ``run`` takes everything that accumulated while the thread
-    was busy, so batches grow when the disk or the hash is the bottleneck and stay small (low
-    latency to the first byte) when the network is.
-    """
-
-    def __init__(
-        self, download: Download, write: Callable[[PartialBlob, bytes, int], None]
-    ) -> None:
-        self._download = download
-        self._write = write
-        self._chunks: list[bytes] = []
-        self._pending = 0
-        self._closed = False
-        self._data_ready = trio.Event()
-        self._space_ready = trio.Event()
-        self.received = 0
-
-    async def put(self, chunk: bytes) -> None:
-        while self._pending >= MAX_PENDING_BYTES:
-            await self._space_ready.wait()
-        self._chunks.append(chunk)
-        self._pending += len(chunk)
-        self.received += len(chunk)
-        self._data_ready.set()
-
-    def close(self) -> None:
-        self._closed = True
-        self._data_ready.set()
-
-    async def run(self) -> None:
-        download = self._download
-        while True:
-            if not self._chunks:
-                if self._closed:
-                    return
-                await self._data_ready.wait()
-                self._data_ready = trio.Event()
-                continue
-            batch, self._chunks = self._chunks, []
-            data = batch[0] if len(batch) == 1 else b"".join(batch)
-            partial = download.partial
-            # Write and hash the batch on two worker threads at once: both release the GIL, so
-            # the copy into the page cache and sha256 run in parallel with each other and with
-            # the event loop receiving the next batch.
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(trio.to_thread.run_sync, partial.hash, data)
-                await trio.to_thread.run_sync(self._write, partial, data, partial.written)
-            partial.written += len(data)
-            self._pending -= len(data)
-            self._space_ready.set()
-            self._space_ready = trio.Event()
-            download.available = download.partial.written
-            download.notify()
 
 
 def _single_leaf(exc: BaseException) -> BaseException:

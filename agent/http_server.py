@@ -22,6 +22,8 @@ from typing import Protocol
 import h11
 import trio
 
+from p2preg.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 64 * 1024
@@ -262,7 +264,10 @@ async def serve_http(
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on host:port and serve until cancelled; reports the bound listeners when ready."""
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
     async def handle(stream: trio.SocketStream) -> None:
         # One failing connection must never take the listener (and every other client) down.

@@ -109,6 +109,13 @@ def _run_agent(config: AgentConfig) -> int:
         trio.run(run_agent, config)
     except KeyboardInterrupt:
         return 130
+    except BaseExceptionGroup as group:
+        # A ConfigError raised inside the agent's nursery (e.g. the port is taken) is still a
+        # one-line error for the operator, not a traceback.
+        matched, _ = group.split(ConfigError)
+        if matched is None:
+            raise
+        raise matched.exceptions[0] from None
     return 0
 
 

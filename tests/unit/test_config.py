@@ -87,3 +87,31 @@ def test_cli_bad_input_is_one_line_and_exit_2(args: list[str]) -> None:
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_cli_port_in_use_is_one_line(tmp_path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "p2preg",
+                "agent",
+                "--registry-addr",
+                f"127.0.0.1:{port}",
+                "--data-dir",
+                str(tmp_path),
+                "--log-level",
+                "error",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 2
+    assert "cannot listen on" in result.stderr and "Traceback" not in result.stderr
