@@ -376,3 +376,54 @@ async def test_tag_cache_ttl_and_stale_answer_when_origin_down(
         assert response.status_code == 200
         assert response.content == image.manifest.path.read_bytes()
         assert json.loads(response.content)["layers"]
+
+
+async def test_client_disconnect_does_not_cancel_shared_download(
+    origin, image_factory, start_agent, nursery
+) -> None:
+    image = image_factory("team/disconnect")
+    proxy = await nursery.start(run_fault_proxy, origin.url)
+    agent = await start_agent(proxy.url)
+    layer = image.layers[2]
+    # The origin pauses after 6 MiB, so the first client is surely mid-download when it leaves.
+    proxy.add_fault(
+        Fault("stall", f"/blobs/{layer.digest}", after_bytes=6 * 1024 * 1024, stall_seconds=1.0)
+    )
+    request = f"GET /v2/team/disconnect/blobs/{layer.digest} HTTP/1.1\r\nHost: x\r\n\r\n"
+    leaver = await trio.open_tcp_stream("127.0.0.1", agent.registry_port)
+    await leaver.send_all(request.encode())
+    with trio.fail_after(10):
+        received = 0
+        while received < 2 * 1024 * 1024:
+            received += len(await leaver.receive_some(1 << 20))
+    async with httpx.AsyncClient(base_url=agent.registry_url, timeout=30) as client:
+        async with trio.open_nursery() as both:
+            results: list[bytes] = []
+
+            async def stayer() -> None:
+                response = await client.get(f"/v2/team/disconnect/blobs/{layer.digest}")
+                results.append(response.content)
+
+            both.start_soon(stayer)
+            await trio.sleep(0.1)
+            await leaver.aclose()  # the first client hangs up mid-body
+    assert results == [layer.path.read_bytes()]
+    assert proxy.count(f"/blobs/{layer.digest}", "GET") == 1
+    await wait_until(lambda: agent.store.has(_digest(layer.digest)))
+
+
+async def test_mirror_all_tries_https_for_unknown_namespace(origin, start_agent) -> None:
+    namespace = "127.0.0.1:9"  # loopback, nothing listens: the attempt fails fast
+    strict = await start_agent(None)
+    permissive = await start_agent(None, mirror_all=True, connect_timeout=1.0, request_timeout=3.0)
+    async with httpx.AsyncClient(timeout=30) as client:
+        response = await client.get(
+            f"{strict.registry_url}/v2/team/app/manifests/v1", params={"ns": namespace}
+        )
+        assert response.status_code == 404
+        response = await client.get(
+            f"{permissive.registry_url}/v2/team/app/manifests/v1", params={"ns": namespace}
+        )
+        # It tried https://127.0.0.1:9 (and could not reach it) instead of refusing the ns.
+        assert response.status_code == 503
+        assert "https://127.0.0.1:9" in response.text
