@@ -396,17 +396,19 @@ async def test_client_disconnect_does_not_cancel_shared_download(
         received = 0
         while received < 2 * 1024 * 1024:
             received += len(await leaver.receive_some(1 << 20))
-    async with httpx.AsyncClient(base_url=agent.registry_url, timeout=30) as client:
-        async with trio.open_nursery() as both:
-            results: list[bytes] = []
+    results: list[bytes] = []
+    async with (
+        httpx.AsyncClient(base_url=agent.registry_url, timeout=30) as client,
+        trio.open_nursery() as both,
+    ):
 
-            async def stayer() -> None:
-                response = await client.get(f"/v2/team/disconnect/blobs/{layer.digest}")
-                results.append(response.content)
+        async def stayer() -> None:
+            response = await client.get(f"/v2/team/disconnect/blobs/{layer.digest}")
+            results.append(response.content)
 
-            both.start_soon(stayer)
-            await trio.sleep(0.1)
-            await leaver.aclose()  # the first client hangs up mid-body
+        both.start_soon(stayer)
+        await trio.sleep(0.1)
+        await leaver.aclose()  # the first client hangs up mid-body
     assert results == [layer.path.read_bytes()]
     assert proxy.count(f"/blobs/{layer.digest}", "GET") == 1
     await wait_until(lambda: agent.store.has(_digest(layer.digest)))
