@@ -24,7 +24,7 @@ import trio
 
 from agent.blob_downloads import BlobDownloads, Download, DownloadFailed
 from agent.content_store import ContentStore, OpenBlob
-from agent.http_server import BodySink, Request, Response
+from p2preg.http_server import BodySink, Request, Response
 from agent.manifest_service import ManifestService
 from agent.origin_client import OriginClient, OriginRequest
 from p2preg.config import AgentConfig, Upstream

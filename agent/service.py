@@ -11,7 +11,7 @@ import trio
 from agent.blob_downloads import BlobDownloads
 from agent.content_store import ContentStore
 from agent.docker_config import load_docker_config
-from agent.http_server import bound_port, serve_http
+from p2preg.http_server import bound_port, serve_http
 from agent.manifest_service import ManifestService
 from agent.origin_client import OriginClient
 from agent.registry_api import RegistryEndpoint
