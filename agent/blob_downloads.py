@@ -1,17 +1,17 @@
-"""Single-flight origin downloads that stream to every waiting client while they land on disk.
+"""Single-flight blob downloads that stream to every waiting client while they land on disk.
 
-One ``Download`` per digest fetches from the origin in the agent's service nursery, not in a
-client's request, so a client that disconnects never cancels what others wait on. Bytes travel:
+One ``Download`` per digest runs in the agent's service nursery, not in a client's request, so a
+client that disconnects never cancels what others wait on. Bytes travel:
 
-    origin socket -> chunks -> pending buffer -> worker threads: pwrite, sha256 -> partial file
-                                                                                      |
-                       every waiting client: os.sendfile(partial file, [sent, available)) <-+
+    origin socket -> event loop -> SequentialWriter thread (pwrite) -> partial file
+                                                                          |  mmap
+                                             PrefixHasher thread: sha256 + xxh3 per piece
+    every waiting client: os.sendfile(partial file, [sent, available)) <--+
 
-The event loop only receives; two dedicated threads write and hash (agent/disk_pipeline.py), so
-the copy to the page cache and sha256 run on the other core while the loop receives more.
+The event loop only receives; the writer and hasher threads run beside it (agent/disk_pipeline.py).
 When the origin drops the connection, the download resumes with ``Range: bytes=N-``.
-At the end the sha256 gates the commit: on a mismatch every waiting client's response is
-aborted (so it retries) and nothing is cached.
+The blob's sha256 gates the commit: on a mismatch every waiting client's response is aborted (so
+it retries) and nothing is cached.
 """
 
 from __future__ import annotations
@@ -22,18 +22,16 @@ from collections.abc import Callable
 import httpx
 import trio
 
-from agent.content_store import ContentStore, PartialBlob, is_disk_full
-from agent.disk_pipeline import WriteHashPipeline
+from agent.assembly import BlobAssembly
+from agent.content_store import ContentStore, PartialBlob
 from agent.origin_client import OriginClient, OriginRequest, body_of
 from p2preg.config import AgentConfig
 from p2preg.digest import Digest
 from p2preg.errors import DigestMismatch, P2PRegError, RegistryError, UpstreamUnavailable
+from p2preg.metainfo import DEFAULT_PIECE_LENGTH, MetaInfo
 
 log = logging.getLogger(__name__)
 
-# The loop stops reading from the origin when this much is waiting for the writer thread:
-# backpressure instead of an unbounded buffer.
-MAX_PENDING_BYTES = 32 * 1024 * 1024
 MAX_RESUMES = 5
 
 
@@ -42,13 +40,13 @@ class DownloadFailed(P2PRegError):
 
 
 class Download:
-    """One blob being fetched from the origin. Its state has one writer: ``run``."""
+    """One blob being fetched. Its state has one writer: the task running ``_run``."""
 
     def __init__(self, digest: Digest, partial: PartialBlob) -> None:
         self.digest = digest
         self.partial = partial
         self.size: int | None = None  # from the origin's Content-Length, once known
-        self.available = 0  # bytes written to the partial file and hashed
+        self.assembly: BlobAssembly | None = None
         self.done = False
         self.verified = False  # the whole blob matched its digest
         self.error: BaseException | None = None
@@ -57,6 +55,11 @@ class Download:
         self.reserved = 0
         self.headers_known = trio.Event()
         self._progress = trio.Event()
+
+    @property
+    def available(self) -> int:
+        """Bytes from the start of the blob that are on disk (readable by clients)."""
+        return self.assembly.available if self.assembly is not None else 0
 
     def notify(self) -> None:
         self._progress.set()
@@ -79,7 +82,7 @@ class Download:
 
 
 class BlobDownloads:
-    """Owns every origin download of the agent; callers join an existing one by digest."""
+    """Owns every blob download of the agent; callers join an existing one by digest."""
 
     def __init__(
         self,
@@ -112,27 +115,28 @@ class BlobDownloads:
     async def _run(self, download: Download, request: OriginRequest) -> None:
         try:
             await self._fetch(download, request)
-            if download.size is not None and download.available != download.size:
-                raise UpstreamUnavailable(
-                    f"origin sent {download.available} of {download.size} bytes"
-                )
-            partial = download.partial
-            if not partial.verified():
-                raise DigestMismatch(str(download.digest), partial.actual_digest())
+            assembly = download.assembly
+            assert assembly is not None
+            if not await assembly.verify():
+                raise DigestMismatch(str(download.digest), assembly.actual_digest())
             download.verified = True
             download.notify()  # waiting clients may finish now; durability is our business
+            partial = download.partial
             await trio.to_thread.run_sync(partial.sync)
             # The reservation becomes the entry: release it first so it is not counted twice.
             self._store.release(download.reserved)
             download.reserved = 0
+            partial.written = download.size or 0
             self._store.commit(partial)
             if self._on_committed is not None:
                 self._on_committed(download.digest)
-            log.info("cached %s (%d bytes) from the origin", download.digest, download.available)
+            log.info("cached %s (%d bytes) from the origin", download.digest, download.size)
         except BaseException as raised:
             exc = _single_leaf(raised)
             if not download.verified:  # after the verdict, clients already have good bytes
                 download.error = exc
+            if download.assembly is not None:
+                await download.assembly.abort()
             self._store.discard(download.partial)
             if isinstance(exc, DigestMismatch):
                 log.error("origin content for %s failed verification: %s", download.digest, exc)
@@ -149,60 +153,59 @@ class BlobDownloads:
 
     async def _fetch(self, download: Download, request: OriginRequest) -> None:
         """Receive the blob from the origin, resuming after dropped connections."""
+        resumes = 0
+        offset = 0
+        while True:
+            try:
+                offset = await self._stream_once(download, request, offset)
+                return
+            except (httpx.TransportError, UpstreamUnavailable) as exc:
+                resumes += 1
+                if resumes > MAX_RESUMES or download.assembly is None:
+                    raise
+                log.info("download of %s interrupted (%s); resuming", download.digest, exc)
+                offset = download.assembly.available
 
-        def on_written(total: int) -> None:
-            download.available = total
-            download.notify()
-
-        pipeline = WriteHashPipeline(download.partial, self._write, on_written, MAX_PENDING_BYTES)
-        try:
-            resumes = 0
-            while True:
-                try:
-                    await self._stream_once(download, request, pipeline)
-                    break
-                except (httpx.TransportError, UpstreamUnavailable) as exc:
-                    resumes += 1
-                    if resumes > MAX_RESUMES:
-                        raise
-                    log.info("download of %s interrupted (%s); resuming", download.digest, exc)
-            await pipeline.finish()
-        except BaseException:
-            await pipeline.abort()
-            raise
-
-    async def _stream_once(
-        self, download: Download, request: OriginRequest, writer: WriteHashPipeline
-    ) -> None:
-        offset = writer.received
+    async def _stream_once(self, download: Download, request: OriginRequest, offset: int) -> int:
+        """One origin GET from ``offset``; returns the offset reached (the blob's end)."""
         self.origin_requests += 1
         download.origin_requests += 1
         async with self._origin.stream_blob(request, download.digest, offset) as response:
-            if not download.headers_known.is_set():
-                download.size = _total_size(response)
-                if download.size is not None:
-                    if download.size > self._store.capacity:
-                        log.warning(
-                            "%s is larger than the cache; it will not be kept", download.digest
-                        )
-                    else:
-                        self._store.reserve(download.size)
-                        download.reserved = download.size
-                download.headers_known.set()
-            body = body_of(response)
-            while chunk := await body.receive():
-                download.bytes_from_origin += len(chunk)
-                if download.size is not None and writer.received + len(chunk) > download.size:
-                    raise UpstreamUnavailable("origin sent more bytes than its Content-Length")
-                await writer.put(chunk)
+            if download.assembly is None:
+                self._prepare(download, response)
+            assembly = download.assembly
+            assert assembly is not None and download.size is not None
+            writer = assembly.origin_writer(offset)
+            try:
+                body = body_of(response)
+                while chunk := await body.receive():
+                    download.bytes_from_origin += len(chunk)
+                    if writer.offset + len(chunk) > download.size:
+                        raise UpstreamUnavailable("origin sent more bytes than the blob's size")
+                    await writer.put(chunk)
+                await writer.join()
+            except BaseException:
+                await writer.abort()
+                raise
+            if writer.offset != download.size:
+                raise UpstreamUnavailable(f"origin sent {writer.offset} of {download.size} bytes")
+            return writer.offset
 
-    def _write(self, partial: PartialBlob, data: bytes, offset: int) -> None:
-        try:
-            partial.write_at(data, offset)
-        except OSError as exc:
-            if is_disk_full(exc):
-                raise RegistryError("UNAVAILABLE", "the agent's disk is full") from exc
-            raise
+    def _prepare(self, download: Download, response: httpx.Response) -> None:
+        size = _total_size(response)
+        if size is None:
+            raise RegistryError(
+                "UNAVAILABLE", "the origin sent the blob without a Content-Length", status=502
+            )
+        download.size = size
+        if size > self._store.capacity:
+            log.warning("%s is larger than the cache; it will not be kept", download.digest)
+        else:
+            self._store.reserve(size)
+            download.reserved = size
+        metainfo = MetaInfo.empty(download.digest, size, DEFAULT_PIECE_LENGTH)
+        download.assembly = BlobAssembly(download.partial, metainfo, download.notify)
+        download.headers_known.set()
 
 
 def _total_size(response: httpx.Response) -> int | None:

@@ -24,13 +24,13 @@ import trio
 
 from agent.blob_downloads import BlobDownloads, Download, DownloadFailed
 from agent.content_store import ContentStore, OpenBlob
-from p2preg.http_server import BodySink, Request, Response
 from agent.manifest_service import ManifestService
 from agent.origin_client import OriginClient, OriginRequest
 from p2preg.config import AgentConfig, Upstream
 from p2preg.digest import Digest
 from p2preg.errors import RegistryError, UpstreamUnavailable
 from p2preg.http_auth import ByteRange, RangeNotSatisfiable, parse_range
+from p2preg.http_server import BodySink, Request, Response
 from p2preg.mediatypes import BLOB
 from p2preg.reference import (
     DOCKER_HUB_NAMESPACE,

@@ -11,11 +11,11 @@ import trio
 from agent.blob_downloads import BlobDownloads
 from agent.content_store import ContentStore
 from agent.docker_config import load_docker_config
-from p2preg.http_server import bound_port, serve_http
 from agent.manifest_service import ManifestService
 from agent.origin_client import OriginClient
 from agent.registry_api import RegistryEndpoint
 from p2preg.config import AgentConfig
+from p2preg.http_server import bound_port, serve_http
 
 log = logging.getLogger(__name__)
 
