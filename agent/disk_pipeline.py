@@ -127,7 +127,9 @@ class SequentialWriter(_Worker):
         while (item := self._queue.get()) is not _STOP:
             if self._aborted:
                 continue
-            chunk, offset = item  # type: ignore[misc]
+            assert isinstance(item, tuple)
+            chunk: bytes = item[0]
+            offset: int = item[1]
             self._write(chunk, offset)
             self._post(self._done, len(chunk))
 
