@@ -4,6 +4,7 @@ Layout under the data dir (see docs/store.md for why):
 
     blobs/<alg>/<first two hex>/<hex>   committed, verified content (layers, configs, manifests)
     types/<alg>/<first two hex>/<hex>   media type of a manifest stored in blobs/ (manifests only)
+    meta/<alg>/<first two hex>/<hex>    piece hashes (metainfo, msgpack) of a committed blob
     partial/<alg>-<hex>.<nonce>         downloads in progress; wiped at startup
 
 A file appears under ``blobs/`` only by ``rename`` of a fully written, fsynced and
@@ -26,7 +27,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgpack
+
 from p2preg.digest import Digest
+from p2preg.errors import RemoteProtocolError
+from p2preg.metainfo import MetaInfo
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +106,7 @@ class ContentStore:
         self.capacity = capacity
         self._blobs = root / "blobs"
         self._types = root / "types"
+        self._meta = root / "meta"
         self._partial = root / "partial"
         self._entries: OrderedDict[Digest, _Entry] = OrderedDict()
         self._used = 0
@@ -114,7 +120,7 @@ class ContentStore:
     def open(cls, root: Path, capacity: int) -> ContentStore:
         """Create or reopen a store: drop partial files, index the committed blobs by mtime."""
         store = cls(root, capacity)
-        for directory in (store._blobs, store._types, store._partial):
+        for directory in (store._blobs, store._types, store._meta, store._partial):
             directory.mkdir(parents=True, exist_ok=True)
         for leftover in store._partial.iterdir():
             # A partial file is an interrupted download: it was never verified, so it goes.
@@ -149,6 +155,27 @@ class ContentStore:
 
     def _type_path(self, digest: Digest) -> Path:
         return self._types / digest.algorithm / digest.hex[:2] / digest.hex
+
+    def _meta_path(self, digest: Digest) -> Path:
+        return self._meta / digest.algorithm / digest.hex[:2] / digest.hex
+
+    def put_metainfo(self, metainfo: MetaInfo) -> None:
+        """Keep a committed blob's piece hashes, so it can be seeded again after a restart."""
+        if metainfo.digest in self._entries and metainfo.complete:
+            self._write_small_file(
+                self._meta_path(metainfo.digest), msgpack.packb(metainfo.to_wire())
+            )
+
+    def read_metainfo(self, digest: Digest) -> MetaInfo | None:
+        if digest not in self._entries:
+            return None
+        try:
+            data = self._meta_path(digest).read_bytes()
+            metainfo = MetaInfo.from_wire(msgpack.unpackb(data))
+        except (OSError, ValueError, RemoteProtocolError, msgpack.UnpackException):
+            return None
+        size = self._entries[digest].size
+        return metainfo if metainfo.digest == digest and metainfo.size == size else None
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -290,7 +317,7 @@ class ContentStore:
 
     def remove(self, digest: Digest) -> None:
         self._forget(digest)
-        for path in (self.blob_path(digest), self._type_path(digest)):
+        for path in (self.blob_path(digest), self._type_path(digest), self._meta_path(digest)):
             path.unlink(missing_ok=True)
 
     def _forget(self, digest: Digest) -> None:

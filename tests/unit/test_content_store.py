@@ -108,3 +108,21 @@ def test_manifest_with_media_type(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError):
         store.put_manifest(_digest(b"other"), data, "x")
+
+
+def test_metainfo_sidecar_survives_reopen_and_goes_with_the_blob(tmp_path: Path) -> None:
+    from p2preg.metainfo import MetaInfo, piece_hash
+
+    store = ContentStore.open(tmp_path, 10_000_000)
+    data = os.urandom(300_000)
+    digest = _put(store, data)
+    length = 128 * 1024
+    metainfo = MetaInfo.empty(digest, len(data), length).with_hashes(
+        (i, piece_hash(data[i * length : (i + 1) * length])) for i in range(3)
+    )
+    store.put_metainfo(metainfo)
+    reopened = ContentStore.open(tmp_path, 10_000_000)
+    assert reopened.read_metainfo(digest) == metainfo
+    reopened.remove(digest)
+    assert reopened.read_metainfo(digest) is None
+    assert list((tmp_path / "meta").rglob("*" + digest.hex)) == []
