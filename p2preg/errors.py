@@ -22,6 +22,10 @@ class RemoteProtocolError(P2PRegError):
     """A peer or server sent bytes that break the protocol. Decoders raise only this."""
 
 
+class LocalProtocolError(P2PRegError):
+    """Our own code asked a protocol object to do something the protocol forbids right now."""
+
+
 # code -> (HTTP status, default message). From the OCI Distribution Spec's error code table.
 OCI_ERROR_CODES: Mapping[str, tuple[int, str]] = {
     "BLOB_UNKNOWN": (404, "blob unknown to registry"),
@@ -76,3 +80,19 @@ class DigestMismatch(P2PRegError):
         self.expected = expected
         self.actual = actual
         super().__init__(f"content digest {actual} does not match the expected {expected}")
+
+
+class TrackerUnavailable(P2PRegError):
+    """No tracker gave a usable answer (unreachable, timed out, 5xx, refused us). The agent
+    carries on without one: peers from local discovery, and the origin."""
+
+
+class TrackerAuthError(TrackerUnavailable):
+    """A tracker refused our cluster credentials, or could not prove it knows the secret."""
+
+
+class TrackerConflict(TrackerUnavailable):
+    """The tracker refused a request because of what it holds: published metainfo whose piece
+    hash differs from a known one (HTTP 409), or a publisher quarantined for that blob after a
+    bad-data report (403). A TrackerUnavailable too, so code that goes to the origin on any
+    tracker trouble handles it."""
