@@ -2,7 +2,7 @@
 
 Bad flags or configuration print one line and exit 2; nothing here prints a traceback for bad
 input. The agent's flags map 1:1 to ``P2PREG_<NAME>`` environment variables and TOML keys
-(docs/configuration.md).
+(docs/configuration.md); the tracker's flags to ``P2PREG_<NAME>`` variables (docs/tracker.md).
 """
 
 from __future__ import annotations
@@ -15,7 +15,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from p2preg.config import AgentConfig, build_agent_config, parse_config_file
+from p2preg.config import (
+    AgentConfig,
+    TrackerConfig,
+    build_agent_config,
+    build_tracker_config,
+    parse_config_file,
+)
 from p2preg.errors import ConfigError
 
 
@@ -57,10 +63,31 @@ def _agent_parser(subparsers: Any) -> None:
     add("--log-level", metavar="LEVEL", help="debug, info, warning or error (default info)")
 
 
+def _tracker_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "tracker",
+        help="run a tracker (announce, peer handout, metainfo, origin-fetch leases)",
+        description="Run a tracker. Every flag also reads P2PREG_<NAME> from the environment "
+        "(e.g. P2PREG_PEER_TTL); a flag wins over the environment.",
+    )
+    add = parser.add_argument
+    add("--addr", metavar="HOST:PORT", help="listen address, e.g. 0.0.0.0:5081 (required)")
+    add(
+        "--cluster-secret-file",
+        metavar="FILE",
+        help="file holding the cluster's shared secret, 16+ bytes (required)",
+    )
+    add("--peer-ttl", metavar="DURATION", help="forget a peer that stops announcing (30s)")
+    add("--lease-ttl", metavar="DURATION", help="origin-fetch lease lifetime (10s)")
+    add("--max-peers", metavar="N", help="peers handed out per announce (50)")
+    add("--log-level", metavar="LEVEL", help="debug, info, warning or error (default info)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog="p2preg", description="Peer-to-peer container image distribution")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
     _agent_parser(subparsers)
+    _tracker_parser(subparsers)
     return parser
 
 
@@ -75,6 +102,19 @@ def load_agent_config(args: argparse.Namespace, env: dict[str, str]) -> AgentCon
             raise ConfigError(f"config file {config_path}: {exc.strerror}") from None
         file_values = parse_config_file(text, config_path)
     return build_agent_config(flags, env, file_values)
+
+
+def _read_secret_file(path: str) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            return file.read(64 * 1024)
+    except OSError as exc:
+        raise ConfigError(f"cluster secret file {path}: {exc.strerror or exc}") from None
+
+
+def load_tracker_config(args: argparse.Namespace, env: dict[str, str]) -> TrackerConfig:
+    flags = {key: value for key, value in vars(args).items() if key != "command"}
+    return build_tracker_config(flags, env, _read_secret_file)
 
 
 def _configure_logging(level: str) -> None:
@@ -94,6 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = load_agent_config(args, dict(os.environ))
             _configure_logging(config.log_level)
             return _run_agent(config)
+        if args.command == "tracker":
+            tracker_config = load_tracker_config(args, dict(os.environ))
+            _configure_logging(tracker_config.log_level)
+            return _run_tracker(tracker_config)
     except ConfigError as exc:
         print(f"p2preg: {exc}", file=sys.stderr)
         return 2
@@ -112,6 +156,23 @@ def _run_agent(config: AgentConfig) -> int:
     except BaseExceptionGroup as group:
         # A ConfigError raised inside the agent's nursery (e.g. the port is taken) is still a
         # one-line error for the operator, not a traceback.
+        matched, _ = group.split(ConfigError)
+        if matched is None:
+            raise
+        raise matched.exceptions[0] from None
+    return 0
+
+
+def _run_tracker(config: TrackerConfig) -> int:
+    import trio
+
+    from tracker.server import run_tracker
+
+    try:
+        trio.run(run_tracker, config)
+    except KeyboardInterrupt:
+        return 130
+    except BaseExceptionGroup as group:
         matched, _ = group.split(ConfigError)
         if matched is None:
             raise

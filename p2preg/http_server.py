@@ -4,16 +4,17 @@ Why not an ASGI server: none can send a file zero-copy, and serving cached layer
 speed is this endpoint's main job (docs/architecture.md has the measurements). h11 keeps the
 protocol logic sans-IO; this module only moves bytes and enforces deadlines.
 
-A handler returns a ``Response`` whose body is bytes or a ``BodyWriter``. A body writer sends
-through a ``BodySink`` that can write bytes or ``sendfile`` a file range straight to the socket.
-If a body writer raises after the headers went out, the connection is closed mid-body so the
-client sees a truncated response and retries, never a silently wrong one.
+A handler returns a ``Response`` whose body is bytes or a ``BodyWriter``. With ``max_body`` set,
+the server reads a request body of up to that many bytes into ``Request.body`` before calling
+the handler (larger: 413); with the default 0, bodies are drained and discarded as before.
+A body writer sends through a ``BodySink`` that can write bytes or ``sendfile`` a file range
+straight to the socket. If a body writer raises after the headers went out, the connection is
+closed mid-body so the client sees a truncated response and retries, never a silently wrong one.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -23,14 +24,13 @@ import h11
 import trio
 
 from p2preg.errors import ConfigError
+from p2preg.zerocopy import sendfile_all
 
 log = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 64 * 1024
 MAX_DRAINED_BODY = 1024 * 1024
 RECEIVE_SIZE = 64 * 1024
-# Upper bound on one sendfile() call, so other connections get the event loop regularly.
-SENDFILE_CHUNK = 8 * 1024 * 1024
 KEEPALIVE_TIMEOUT = 120.0
 REQUEST_HEADERS_TIMEOUT = 30.0
 SEND_TIMEOUT = 120.0
@@ -43,6 +43,7 @@ class Request:
     target: str
     headers: dict[str, str]  # lower-cased names; repeated headers joined with ", "
     peer: str
+    body: bytes = b""  # filled only when serve_http was given max_body > 0
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name)
@@ -81,9 +82,10 @@ class _FileRange:
 
 
 class _Connection:
-    def __init__(self, stream: trio.SocketStream, handler: Handler) -> None:
+    def __init__(self, stream: trio.SocketStream, handler: Handler, max_body: int = 0) -> None:
         self.stream = stream
         self.handler = handler
+        self.max_body = max_body
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         try:
             host, port = stream.socket.getpeername()[:2]
@@ -98,6 +100,11 @@ class _Connection:
                 request = await self._next_request(timeout)
                 if request is None:
                     return
+                if self.max_body and self.h11.their_state is h11.SEND_BODY:
+                    refusal = await self._read_body(request)
+                    if refusal is not None:
+                        await self._send_refusal(*refusal)
+                        return
                 keep_going = await self._respond(request)
                 if not keep_going or not await self._finish_request_body():
                     return
@@ -138,6 +145,62 @@ class _Connection:
                 # ConnectionClosed, or anything else at the start of a cycle: we are done.
                 return None
         return None
+
+    async def _read_body(self, request: Request) -> tuple[int, str] | None:
+        """Read the request body (at most ``max_body`` bytes) into ``request.body``.
+        Returns (status, reason) when the request must be refused and the connection closed."""
+        declared = request.headers.get("content-length", "").strip()
+        if declared.isdigit() and int(declared) > self.max_body:
+            return 413, f"request body larger than {self.max_body} bytes"
+        if self.h11.they_are_waiting_for_100_continue:
+            await self._send_all(
+                self.h11.send(h11.InformationalResponse(status_code=100, headers=[]))
+            )
+        parts: list[bytes] = []
+        size = 0
+        with trio.move_on_after(REQUEST_HEADERS_TIMEOUT):
+            while True:
+                try:
+                    event = self.h11.next_event()
+                except h11.RemoteProtocolError as exc:
+                    return 400, f"bad request body: {exc}"
+                if event is h11.NEED_DATA:
+                    self.h11.receive_data(await self.stream.receive_some(RECEIVE_SIZE))
+                elif isinstance(event, h11.Data):
+                    size += len(event.data)
+                    if size > self.max_body:
+                        return 413, f"request body larger than {self.max_body} bytes"
+                    parts.append(bytes(event.data))
+                elif isinstance(event, h11.EndOfMessage):
+                    request.body = b"".join(parts)
+                    return None
+                else:  # ConnectionClosed mid-body
+                    return 400, "connection closed before the request body ended"
+        return 408, "request body not received in time"
+
+    async def _send_refusal(self, status: int, reason: str) -> None:
+        """Answer a request we will not read to the end, and mark the connection for closing."""
+        if self.h11.our_state is not h11.SEND_RESPONSE:
+            return
+        body = f"{reason}\n".encode()
+        response = h11.Response(
+            status_code=status,
+            headers=[
+                (b"server", SERVER_NAME),
+                (b"content-type", b"text/plain"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        )
+        try:
+            with trio.move_on_after(5):
+                await self.stream.send_all(
+                    self.h11.send(response)
+                    + (self.h11.send(h11.Data(body)) or b"")
+                    + (self.h11.send(h11.EndOfMessage()) or b"")
+                )
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+            pass
 
     async def _finish_request_body(self) -> bool:
         """Consume the rest of the request (for a GET: just its EndOfMessage) so the connection
@@ -237,23 +300,9 @@ class _Connection:
                 await self.stream.send_all(data)
 
     async def _sendfile(self, part: _FileRange) -> None:
-        """Zero-copy file -> socket. The socket is non-blocking; wait for writability on EAGAIN."""
-        sock = self.stream.socket
-        out_fd = sock.fileno()
-        offset, remaining = part.offset, part.count
-        while remaining:
-            with trio.fail_after(SEND_TIMEOUT):
-                while True:
-                    try:
-                        sent = os.sendfile(out_fd, part.fd, offset, min(remaining, SENDFILE_CHUNK))
-                        break
-                    except BlockingIOError:
-                        await trio.lowlevel.wait_writable(sock)
-            if sent == 0:
-                raise EOFError("file ended before the announced length")
-            offset += sent
-            remaining -= sent
-            await trio.lowlevel.checkpoint()
+        await sendfile_all(
+            self.stream.socket, part.fd, part.offset, part.count, stall_seconds=SEND_TIMEOUT
+        )
 
 
 async def serve_http(
@@ -261,9 +310,13 @@ async def serve_http(
     port: int,
     handler: Handler,
     *,
+    max_body: int = 0,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Listen on host:port and serve until cancelled; reports the bound listeners when ready."""
+    """Listen on host:port and serve until cancelled; reports the bound listeners when ready.
+
+    ``max_body > 0``: request bodies up to that size are read into ``Request.body`` (larger ones
+    get a 413 and the connection closes); 0: bodies are drained unread."""
     try:
         listeners = await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
@@ -272,7 +325,7 @@ async def serve_http(
     async def handle(stream: trio.SocketStream) -> None:
         # One failing connection must never take the listener (and every other client) down.
         try:
-            await _Connection(stream, handler).serve()
+            await _Connection(stream, handler, max_body).serve()
         except Exception:
             log.exception("connection handler crashed")
 

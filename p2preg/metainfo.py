@@ -67,8 +67,10 @@ class MetaInfo:
 
     def verify(self, index: int, data: bytes | bytearray | memoryview) -> bool:
         expected = self.piece_hashes[index]
-        return expected is not None and len(data) == self.span(index)[1] and (
-            piece_hash(data) == expected
+        return (
+            expected is not None
+            and len(data) == self.span(index)[1]
+            and (piece_hash(data) == expected)
         )
 
     def with_hashes(self, hashes: Iterable[tuple[int, bytes]]) -> MetaInfo:
@@ -88,9 +90,7 @@ class MetaInfo:
             self.piece_length,
         ):
             raise RemoteProtocolError(f"metainfo for {self.digest} disagrees on size or pieces")
-        return self.with_hashes(
-            (i, h) for i, h in enumerate(other.piece_hashes) if h is not None
-        )
+        return self.with_hashes((i, h) for i, h in enumerate(other.piece_hashes) if h is not None)
 
     # -- wire form (msgpack-ready) -------------------------------------------------------------
 

@@ -1,0 +1,199 @@
+"""The peer handout policy (p2preg/handout.py): properties over random swarms, and load spread."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import Counter
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from p2preg.handout import HandoutLoad, PeerRecord, PeerRef, choose_peers
+
+ZONES = ("a", "b", "c")
+POOL = [bytes([i]) * 16 for i in range(24)]
+
+
+def record(
+    index: int,
+    zone: str = "a",
+    complete: bool = False,
+    pieces: int = 0,
+    at: float = 0.0,
+) -> PeerRecord:
+    return PeerRecord(POOL[index], f"10.0.0.{index}:7000", zone, complete, pieces, at)
+
+
+records = st.builds(
+    PeerRecord,
+    peer_id=st.sampled_from(POOL),
+    addr=st.just("10.0.0.1:7000"),
+    zone=st.sampled_from(ZONES),
+    complete=st.booleans(),
+    pieces=st.integers(0, 300),
+    announced_at=st.floats(0, 100),
+)
+swarms = st.lists(records, max_size=40)
+loads = st.dictionaries(st.sampled_from(POOL), st.integers(0, 6))
+requesters = st.builds(PeerRef, peer_id=st.sampled_from(POOL), zone=st.sampled_from(ZONES))
+
+
+def newest(candidates: list[PeerRecord]) -> dict[bytes, PeerRecord]:
+    latest: dict[bytes, PeerRecord] = {}
+    for candidate in candidates:
+        seen = latest.get(candidate.peer_id)
+        if seen is None or candidate.announced_at >= seen.announced_at:
+            latest[candidate.peer_id] = candidate
+    return latest
+
+
+@given(swarms, requesters, st.integers(-1, 50), loads, st.integers(0, 2**32))
+def test_basic_guarantees(
+    candidates: list[PeerRecord], me: PeerRef, limit: int, load: dict[bytes, int], seed: int
+) -> None:
+    chosen = choose_peers(candidates, me, limit, random.Random(seed), load)
+    ids = [peer.peer_id for peer in chosen]
+    assert me.peer_id not in ids
+    assert len(ids) == len(set(ids))
+    assert len(chosen) <= max(limit, 0)
+    others = newest(candidates)
+    others.pop(me.peer_id, None)
+    assert len(chosen) == min(max(limit, 0), len(others))
+    # Of each peer, its newest announce is the one handed out.
+    assert all(others[peer.peer_id] is peer for peer in chosen)
+
+
+@given(swarms, requesters, st.integers(1, 50), loads, st.integers(0, 2**32))
+def test_order_zone_then_seeders_then_load(
+    candidates: list[PeerRecord], me: PeerRef, limit: int, load: dict[bytes, int], seed: int
+) -> None:
+    chosen = choose_peers(candidates, me, limit, random.Random(seed), load)
+    for before, after in itertools.pairwise(chosen):
+        same_before, same_after = before.zone == me.zone, after.zone == me.zone
+        assert same_before or not same_after, "a same-zone peer came after another zone's"
+        if same_before == same_after:
+            assert before.complete or not after.complete, "a seeder came after a leecher"
+            if before.complete and after.complete:
+                assert load.get(before.peer_id, 0) <= load.get(after.peer_id, 0)
+
+
+@given(swarms, requesters, st.integers(1, 10), loads, st.integers(0, 2**32))
+def test_nothing_better_is_left_out(
+    candidates: list[PeerRecord], me: PeerRef, limit: int, load: dict[bytes, int], seed: int
+) -> None:
+    """A peer left out is never strictly preferable to one handed out."""
+    chosen = choose_peers(candidates, me, limit, random.Random(seed), load)
+    picked = {peer.peer_id for peer in chosen}
+    left_out = [
+        peer for peer in newest(candidates).values() if peer.peer_id not in picked | {me.peer_id}
+    ]
+    for out in left_out:
+        for peer in chosen:
+            if out.zone == me.zone and peer.zone != me.zone:
+                raise AssertionError("a same-zone peer was left out for another zone's")
+            if out.zone == peer.zone or (out.zone != me.zone and peer.zone != me.zone):
+                assert not (out.complete and not peer.complete), "a seeder was left out"
+                if out.complete and peer.complete:
+                    assert load.get(out.peer_id, 0) >= load.get(peer.peer_id, 0), "hot peer won"
+
+
+@given(st.lists(st.integers(0, 1000), min_size=2, max_size=20), st.integers(0, 2**32))
+def test_leechers_with_more_pieces_first(pieces: list[int], seed: int) -> None:
+    candidates = [record(i + 1, pieces=count) for i, count in enumerate(pieces)]
+    chosen = choose_peers(candidates, PeerRef(POOL[0], "a"), len(pieces), random.Random(seed), {})
+    held = [peer.pieces for peer in chosen]
+    assert held == sorted(held, reverse=True)
+
+
+def test_hot_seeder_demoted_but_seeders_still_before_leechers() -> None:
+    seeders = [record(i, complete=True) for i in (1, 2, 3)]
+    leecher = record(4, pieces=99)
+    load = {POOL[1]: 5, POOL[2]: 1}
+    chosen = choose_peers([*seeders, leecher], PeerRef(POOL[0], "a"), 4, random.Random(1), load)
+    assert [peer.peer_id for peer in chosen] == [POOL[3], POOL[2], POOL[1], POOL[4]]
+    # With room for two, the hottest seeder is the one left out.
+    two = choose_peers([*seeders, leecher], PeerRef(POOL[0], "a"), 2, random.Random(1), load)
+    assert {peer.peer_id for peer in two} == {POOL[2], POOL[3]}
+
+
+def test_same_zone_beats_a_seeder_elsewhere() -> None:
+    far_seeder = record(1, zone="b", complete=True)
+    near_leecher = record(2, zone="a", pieces=1)
+    chosen = choose_peers([far_seeder, near_leecher], record(0), 1, random.Random(0), {})
+    assert chosen == [near_leecher]
+
+
+def test_requester_given_as_a_record_is_excluded() -> None:
+    me = record(0, complete=True)
+    assert choose_peers([me, record(1)], me, 5, random.Random(0), {}) == [record(1)]
+
+
+@given(swarms, requesters, st.integers(0, 50), loads, st.integers(0, 2**32))
+def test_deterministic_for_a_seeded_rng(
+    candidates: list[PeerRecord], me: PeerRef, limit: int, load: dict[bytes, int], seed: int
+) -> None:
+    first = choose_peers(candidates, me, limit, random.Random(seed), load)
+    again = choose_peers(candidates, me, limit, random.Random(seed), load)
+    assert first == again
+
+
+def test_random_among_equals() -> None:
+    candidates = [record(i, complete=True) for i in range(1, 21)]
+    picks = {
+        tuple(p.peer_id for p in choose_peers(candidates, record(0), 3, random.Random(s), {}))
+        for s in range(20)
+    }
+    assert len(picks) > 10
+
+
+def test_load_spreads_a_rollout_over_all_seeders() -> None:
+    """1000 requesters, 10 seeders, 3 peers each: with the tracker's load bookkeeping every
+    seeder gets about the same share; without it, the same would hold only by chance."""
+    seeders = [record(i, complete=True) for i in range(1, 11)]
+    load = HandoutLoad(half_life=10.0)
+    counts: Counter[bytes] = Counter()
+    rng = random.Random(7)
+    for step in range(1000):
+        now = step * 0.01
+        ids = [s.peer_id for s in seeders]
+        chosen = choose_peers(seeders, PeerRef(b"\xff" * 16, "a"), 3, rng, load.snapshot(ids, now))
+        load.record([peer.peer_id for peer in chosen], now)
+        counts.update(peer.peer_id for peer in chosen)
+    assert max(counts.values()) - min(counts.values()) <= 2
+
+
+@settings(max_examples=5, deadline=None)
+@given(st.integers(0, 2**32))
+def test_ten_thousand_candidates(seed: int) -> None:
+    rng = random.Random(seed)
+    candidates = [
+        PeerRecord(
+            rng.randbytes(16), "h:1", rng.choice(ZONES), rng.random() < 0.3, rng.randrange(500), 0
+        )
+        for _ in range(10_000)
+    ]
+    load = {c.peer_id: rng.randrange(5) for c in candidates[:3000]}
+    chosen = choose_peers(candidates, PeerRef(b"\0" * 16, "b"), 50, rng, load)
+    assert len(chosen) == 50
+    assert all(peer.zone == "b" and peer.complete for peer in chosen)
+    assert max(load.get(p.peer_id, 0) for p in chosen) == 0
+
+
+def test_handout_load_decays_with_half_life() -> None:
+    load = HandoutLoad(half_life=10.0)
+    peer = POOL[1]
+    load.record([peer, peer], now=100.0)
+    assert load.get(peer, 100.0) == 2.0
+    assert abs(load.get(peer, 110.0) - 1.0) < 1e-9
+    assert abs(load.snapshot([peer, POOL[2]], 120.0)[peer] - 0.5) < 1e-9
+    load.record([peer], now=120.0)
+    assert abs(load.get(peer, 120.0) - 1.5) < 1e-9
+    assert load.sweep(200.0) == 1 and len(load) == 0
+
+
+def test_handout_load_is_bounded() -> None:
+    load = HandoutLoad(half_life=10.0, max_peers=5)
+    load.record(POOL[:10], now=0.0)
+    assert len(load) == 5
+    assert load.get(POOL[0], 0.0) == 0.0 and load.get(POOL[9], 0.0) == 1.0

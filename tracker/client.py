@@ -1,0 +1,446 @@
+"""The agent's tracker client: sessions, rendezvous choice of tracker per digest, failover.
+
+Several trackers split the digests between them by rendezvous (highest random weight) hashing:
+every client ranks the trackers for a digest by ``hash(url, digest)`` and asks the first; all
+clients agree without talking to each other, and when a tracker leaves only its digests move.
+On a connection error, a timeout or a 5xx the client asks the next tracker in that ranking
+(and ranks the failed one last for ``down_for`` seconds). Every attempt has a deadline.
+
+Each tracker gets its own session (cluster_auth's challenge-response); the client checks the
+tracker's proof ``mac_t`` before it trusts a token, and authenticates again on a 401.
+
+Errors: ``TrackerUnavailable`` when no tracker gave a usable answer (the agent falls back to
+discovery and the origin), its subclass ``TrackerAuthError`` when the trackers refused our
+credentials, ``TrackerConflict`` for a 409/403 on metainfo or leases.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, NoReturn, TypeVar
+from urllib.parse import urlsplit
+
+import httpx
+import msgpack  # type: ignore[import-untyped]
+import trio
+
+from p2preg.cluster_auth import (
+    NONCE_BYTES,
+    PEER_ID_BYTES,
+    TOKEN_BYTES,
+    authorization_header,
+    client_mac,
+    verify_tracker_mac,
+)
+from p2preg.digest import Digest
+from p2preg.errors import (
+    ConfigError,
+    RegistryError,
+    RemoteProtocolError,
+    TrackerAuthError,
+    TrackerConflict,
+    TrackerUnavailable,
+)
+from p2preg.handout import PeerRecord
+from p2preg.metainfo import MetaInfo
+
+log = logging.getLogger(__name__)
+
+MSGPACK = "application/msgpack"
+MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+DEFAULT_TIMEOUT = 5.0
+DOWN_FOR = 10.0
+# Re-authenticate this long before the tracker would expire our token.
+TOKEN_MARGIN = 30.0
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class AnnounceResult:
+    """``peers``' ``announced_at`` is the local ``trio.current_time()`` of the answer."""
+
+    peers: list[PeerRecord]
+    interval: float
+    tracker: str
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseGrant:
+    """``granted``: fetch pieces [start, end) (end None: to the blob's end) from the origin for
+    ``expires_in`` seconds, then renew. Otherwise ``holder`` is fetching them: ask it instead."""
+
+    granted: bool
+    holder: bytes
+    start: int
+    end: int | None
+    expires_in: float
+
+
+class _Failover(Exception):
+    """This tracker failed; try the next one."""
+
+
+def rendezvous_order(urls: Sequence[str], key: str) -> list[str]:
+    """``urls`` ranked for ``key``, best first (highest random weight hashing)."""
+
+    def weight(url: str) -> int:
+        digest = hashlib.blake2b(f"{url}\0{key}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big")
+
+    return sorted(urls, key=weight, reverse=True)
+
+
+def _normalize_url(url: str) -> str:
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query:
+        raise ConfigError(
+            f"tracker: expected an http(s) URL such as http://tracker:5081, got {url!r}"
+        )
+    return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+
+
+def _decode(data: bytes) -> Any:
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types on bad input
+        raise _Failover(f"response is not valid msgpack: {exc}") from None
+
+
+def _message(payload: Any, status: int) -> str:
+    if isinstance(payload, dict) and isinstance(payload.get("error"), str):
+        return str(payload["error"])[:500]
+    return f"HTTP {status}"
+
+
+def _need(condition: bool, what: str) -> None:
+    if not condition:
+        raise _Failover(f"malformed response: {what}")
+
+
+def _field(payload: Any, name: str) -> Any:
+    return payload.get(name) if isinstance(payload, dict) else None
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class TrackerClient:
+    """One per agent. ``async with TrackerClient(urls, peer_id, secret) as tracker: ...``"""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        peer_id: bytes,
+        cluster_secret: bytes,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        down_for: float = DOWN_FOR,
+        transport: httpx.AsyncBaseTransport | None = None,
+        random_bytes: Callable[[int], bytes] = secrets.token_bytes,
+    ) -> None:
+        if not urls:
+            raise ConfigError("tracker: at least one tracker URL is needed")
+        if len(peer_id) != PEER_ID_BYTES:
+            raise ValueError(f"peer_id must be {PEER_ID_BYTES} bytes")
+        self.urls = list(dict.fromkeys(_normalize_url(url) for url in urls))
+        self.peer_id = bytes(peer_id)
+        self._secret = cluster_secret
+        self.timeout = timeout
+        self._down_for = down_for
+        self._random_bytes = random_bytes
+        self._http = httpx.AsyncClient(
+            trust_env=False,
+            timeout=httpx.Timeout(timeout),
+            transport=transport,
+            follow_redirects=False,
+        )
+        self._tokens: dict[str, tuple[bytes, float]] = {}  # url -> (token, valid until)
+        self._auth_locks = {url: trio.Lock() for url in self.urls}
+        self._down_until: dict[str, float] = {}
+
+    def __repr__(self) -> str:  # never show the secret
+        return f"<TrackerClient {self.urls} peer {self.peer_id.hex()}>"
+
+    async def __aenter__(self) -> TrackerClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self._http.aclose()
+
+    def trackers_for(self, digest: Digest | str) -> list[str]:
+        """The trackers in the order this client asks them about ``digest``."""
+        order = rendezvous_order(self.urls, str(digest))
+        now = trio.current_time()
+        up = [url for url in order if self._down_until.get(url, 0.0) <= now]
+        return up + [url for url in order if url not in up]
+
+    # -- the API ---------------------------------------------------------------------------------
+
+    async def announce(
+        self, digest: Digest, *, addr: str, zone: str = "", complete: bool, pieces: int
+    ) -> AnnounceResult:
+        body = {
+            "digest": str(digest),
+            "peer_id": self.peer_id,
+            "addr": addr,
+            "zone": zone,
+            "complete": complete,
+            "pieces": pieces,
+        }
+
+        def parse(url: str, status: int, payload: Any) -> AnnounceResult:
+            self._expect_ok(url, status, payload)
+            _need(isinstance(payload, dict), "announce answer is not a map")
+            raw_peers, interval = payload.get("peers"), payload.get("interval")
+            _need(isinstance(raw_peers, list), "peers is not a list")
+            _need(isinstance(interval, (int, float)) and interval > 0, "bad interval")
+            now = trio.current_time()
+            peers = [_parse_peer(entry, now) for entry in raw_peers]
+            return AnnounceResult(peers, min(float(interval), 3600.0), url)
+
+        return await self._call("POST", "/v1/announce", str(digest), body, parse)
+
+    async def get_metainfo(self, digest: Digest) -> MetaInfo | None:
+        def parse(url: str, status: int, payload: Any) -> MetaInfo | None:
+            if status == 404:
+                return None
+            self._expect_ok(url, status, payload)
+            return _parse_metainfo(payload, digest)
+
+        return await self._call("GET", f"/v1/metainfo/{digest}", str(digest), None, parse)
+
+    async def put_metainfo(self, metainfo: MetaInfo) -> MetaInfo:
+        """Publish (progressive) piece hashes; returns the tracker's merged view."""
+
+        def parse(url: str, status: int, payload: Any) -> MetaInfo:
+            self._expect_ok(url, status, payload)
+            return _parse_metainfo(payload, metainfo.digest)
+
+        digest = str(metainfo.digest)
+        return await self._call("PUT", f"/v1/metainfo/{digest}", digest, metainfo.to_wire(), parse)
+
+    async def acquire_lease(
+        self, digest: Digest, piece_range: tuple[int, int | None] | None = None
+    ) -> LeaseGrant:
+        def parse(url: str, status: int, payload: Any) -> LeaseGrant:
+            self._expect_ok(url, status, payload)
+            _need(isinstance(payload, dict), "lease answer is not a map")
+            granted, holder = payload.get("granted"), payload.get("holder")
+            start, end, expires_in = (payload.get(k) for k in ("start", "end", "expires_in"))
+            _need(isinstance(granted, bool), "granted")
+            _need(isinstance(holder, bytes) and len(holder) == PEER_ID_BYTES, "holder")
+            _need(_is_int(start) and (end is None or _is_int(end)), "range")
+            _need(isinstance(expires_in, (int, float)) and expires_in >= 0, "expires_in")
+            return LeaseGrant(granted, holder, start, end, float(expires_in))
+
+        body = self._lease_body(digest, piece_range)
+        return await self._call("POST", "/v1/lease", str(digest), body, parse)
+
+    async def release_lease(
+        self, digest: Digest, piece_range: tuple[int, int | None] | None = None
+    ) -> int:
+        def parse(url: str, status: int, payload: Any) -> int:
+            self._expect_ok(url, status, payload)
+            released = _field(payload, "released")
+            _need(_is_int(released), "released")
+            return int(released)
+
+        body = self._lease_body(digest, piece_range)
+        return await self._call("POST", "/v1/lease/release", str(digest), body, parse)
+
+    async def report_bad(self, digest: Digest, publisher: bytes) -> bool:
+        """Tell the tracker that ``publisher`` served data of ``digest`` that failed checks."""
+
+        def parse(url: str, status: int, payload: Any) -> bool:
+            self._expect_ok(url, status, payload)
+            dropped = _field(payload, "dropped")
+            _need(isinstance(dropped, bool), "dropped")
+            return bool(dropped)
+
+        body = {"digest": str(digest), "publisher": publisher}
+        return await self._call("POST", "/v1/report-bad", str(digest), body, parse)
+
+    def _lease_body(
+        self, digest: Digest, piece_range: tuple[int, int | None] | None
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"digest": str(digest), "peer_id": self.peer_id}
+        if piece_range is not None:
+            body["start"], body["end"] = piece_range
+        return body
+
+    @staticmethod
+    def _expect_ok(url: str, status: int, payload: Any) -> None:
+        if 200 <= status < 300:
+            return
+        message = _message(payload, status)
+        if status in (403, 409):
+            raise TrackerConflict(f"tracker {url}: {message}")
+        # Any other 4xx: this request is wrong for every tracker; do not fail over.
+        raise TrackerUnavailable(f"tracker {url} rejected the request ({status}): {message}")
+
+    # -- plumbing --------------------------------------------------------------------------------
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        key: str,
+        body: object,
+        parse: Callable[[str, int, Any], T],
+    ) -> T:
+        failures: list[str] = []
+        auth_failures = 0
+        for url in self.trackers_for(key):
+            try:
+                status, payload = await self._call_one(url, method, path, body)
+                result = parse(url, status, payload)
+            except _Failover as exc:
+                failures.append(f"{url}: {exc}")
+                self._down_until[url] = trio.current_time() + self._down_for
+                log.info("tracker %s failed (%s); trying the next one", url, exc)
+                continue
+            except TrackerAuthError as exc:
+                failures.append(str(exc))
+                auth_failures += 1
+                continue
+            self._down_until.pop(url, None)
+            return result
+        self._raise_all_failed(failures, auth_failures)
+
+    @staticmethod
+    def _raise_all_failed(failures: list[str], auth_failures: int) -> NoReturn:
+        summary = "; ".join(failures)
+        if auth_failures == len(failures):
+            raise TrackerAuthError(summary)
+        raise TrackerUnavailable(f"no tracker answered: {summary}")
+
+    async def _call_one(self, url: str, method: str, path: str, body: object) -> tuple[int, Any]:
+        token = await self._token(url)
+        status, payload = await self._send(url, method, path, body, token)
+        if status == 401:
+            token = await self._token(url, stale=token)
+            status, payload = await self._send(url, method, path, body, token)
+            if status == 401:
+                raise TrackerAuthError(
+                    f"tracker {url} refused a fresh session token: {_message(payload, status)}"
+                )
+        if status >= 500:
+            raise _Failover(f"HTTP {status}: {_message(payload, status)}")
+        return status, payload
+
+    async def _send(
+        self, url: str, method: str, path: str, body: object, token: bytes | None
+    ) -> tuple[int, Any]:
+        headers = {"Accept": MSGPACK}
+        if token is not None:
+            headers["Authorization"] = authorization_header(token)
+        content = None
+        if body is not None:
+            content = msgpack.packb(body, use_bin_type=True)
+            headers["Content-Type"] = MSGPACK
+        try:
+            with trio.fail_after(self.timeout):
+                async with self._http.stream(
+                    method, url + path, content=content, headers=headers
+                ) as response:
+                    data = bytearray()
+                    async for chunk in response.aiter_bytes():
+                        data += chunk
+                        if len(data) > MAX_RESPONSE_BYTES:
+                            raise _Failover(f"response larger than {MAX_RESPONSE_BYTES} bytes")
+                    status = response.status_code
+                    content_type = response.headers.get("content-type", "")
+        except trio.TooSlowError:
+            raise _Failover(f"no answer within {self.timeout:g}s") from None
+        except (httpx.HTTPError, OSError) as exc:
+            raise _Failover(f"{type(exc).__name__}: {exc}") from None
+        if not data or not content_type.startswith(MSGPACK):
+            if 200 <= status < 300:
+                raise _Failover(f"expected a msgpack body, got {content_type or 'none'}")
+            return status, None
+        return status, _decode(bytes(data))
+
+    async def _token(self, url: str, stale: bytes | None = None) -> bytes:
+        """A valid session token for ``url``; a new one if the cached one is ``stale``."""
+        cached = self._tokens.get(url)
+        if cached is not None and cached[0] != stale and cached[1] > trio.current_time():
+            return cached[0]
+        async with self._auth_locks[url]:
+            # Someone else may have authenticated while we waited for the lock.
+            cached = self._tokens.get(url)
+            if cached is not None and cached[0] != stale and cached[1] > trio.current_time():
+                return cached[0]
+            self._tokens.pop(url, None)
+            token, valid_for = await self._authenticate(url)
+            self._tokens[url] = (token, trio.current_time() + valid_for)
+            return token
+
+    async def _authenticate(self, url: str) -> tuple[bytes, float]:
+        status, payload = await self._send(
+            url, "POST", "/v1/auth/challenge", {"peer_id": self.peer_id}, None
+        )
+        if status != 200:
+            raise _Failover(f"challenge refused ({status}): {_message(payload, status)}")
+        nonce_t = _field(payload, "nonce_t")
+        _need(isinstance(nonce_t, bytes) and len(nonce_t) == NONCE_BYTES, "nonce_t")
+        nonce_c = self._random_bytes(NONCE_BYTES)
+        request = {
+            "peer_id": self.peer_id,
+            "nonce_t": nonce_t,
+            "nonce_c": nonce_c,
+            "mac_c": client_mac(self._secret, self.peer_id, nonce_t, nonce_c),
+        }
+        status, payload = await self._send(url, "POST", "/v1/auth/session", request, None)
+        if status in (401, 403):
+            raise TrackerAuthError(
+                f"tracker {url} refused our cluster credentials ({_message(payload, status)}); "
+                "check that agents and trackers share the same cluster secret"
+            )
+        if status != 200:
+            raise _Failover(f"session refused ({status}): {_message(payload, status)}")
+        _need(isinstance(payload, dict), "session answer is not a map")
+        token, expires_in, mac_t = (payload.get(k) for k in ("token", "expires_in", "mac_t"))
+        _need(isinstance(token, bytes) and len(token) == TOKEN_BYTES, "token")
+        _need(isinstance(expires_in, (int, float)) and expires_in > 0, "expires_in")
+        _need(isinstance(mac_t, bytes), "mac_t")
+        if not verify_tracker_mac(self._secret, self.peer_id, nonce_c, nonce_t, token, mac_t):
+            raise TrackerAuthError(
+                f"tracker {url} could not prove it knows the cluster secret; not trusting it"
+            )
+        valid_for = float(expires_in)
+        return token, max(valid_for - TOKEN_MARGIN, valid_for / 2)
+
+
+def _parse_peer(entry: Any, now: float) -> PeerRecord:
+    _need(isinstance(entry, dict), "peer entry is not a map")
+    peer_id, addr, zone = entry.get("peer_id"), entry.get("addr"), entry.get("zone")
+    complete, pieces = entry.get("complete"), entry.get("pieces")
+    _need(isinstance(peer_id, bytes) and len(peer_id) == PEER_ID_BYTES, "peer_id")
+    _need(isinstance(addr, str) and isinstance(zone, str), "addr or zone")
+    _need(isinstance(complete, bool) and _is_int(pieces), "complete or pieces")
+    return PeerRecord(peer_id, addr, zone, complete, pieces, now)
+
+
+def _parse_metainfo(payload: Any, digest: Digest) -> MetaInfo:
+    try:
+        metainfo = MetaInfo.from_wire(payload)
+    except (RemoteProtocolError, RegistryError) as exc:
+        raise _Failover(f"bad metainfo: {exc}") from None
+    _need(metainfo.digest == digest, f"metainfo for {metainfo.digest}, asked for {digest}")
+    return metainfo
