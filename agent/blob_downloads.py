@@ -17,7 +17,8 @@ it retries) and nothing is cached.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import httpx
 import trio
@@ -28,7 +29,8 @@ from agent.origin_client import OriginClient, OriginRequest, body_of
 from p2preg.config import AgentConfig
 from p2preg.digest import Digest
 from p2preg.errors import DigestMismatch, P2PRegError, RegistryError, UpstreamUnavailable
-from p2preg.metainfo import DEFAULT_PIECE_LENGTH, MetaInfo
+from p2preg.mediatypes import MAX_MANIFEST_BYTES
+from p2preg.metainfo import MetaInfo
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +41,25 @@ class DownloadFailed(P2PRegError):
     """The download ended without a verified blob; waiting responses must be aborted."""
 
 
+class Coordinator(Protocol):
+    async def fetch(
+        self, download: Download, request: OriginRequest, downloads: BlobDownloads
+    ) -> None: ...
+
+    async def report_bad(self, digest: Digest) -> None: ...
+
+
 class Download:
     """One blob being fetched. Its state has one writer: the task running ``_run``."""
 
-    def __init__(self, digest: Digest, partial: PartialBlob) -> None:
+    def __init__(
+        self, digest: Digest, partial: PartialBlob, manifest_accept: str | None = None
+    ) -> None:
         self.digest = digest
         self.partial = partial
+        # Set for a manifest fetched by digest (the origin serves those from another endpoint).
+        self.manifest_accept = manifest_accept
+        self.content_type: str | None = None  # the origin's, when it came from the origin
         self.size: int | None = None  # from the origin's Content-Length, once known
         self.assembly: BlobAssembly | None = None
         self.done = False
@@ -52,7 +67,9 @@ class Download:
         self.error: BaseException | None = None
         self.origin_requests = 0
         self.bytes_from_origin = 0
+        self.bytes_from_peers = 0
         self.reserved = 0
+        self.piece_listeners: list[Callable[[int], None]] = []
         self.headers_known = trio.Event()
         self._progress = trio.Event()
 
@@ -75,6 +92,11 @@ class Download:
         while not self.verified and not self.done:
             await self._progress.wait()
 
+    async def wait_committed(self) -> None:
+        """Return once the download ended (committed to the store, or failed)."""
+        while not self.done:
+            await self._progress.wait()
+
     async def wait_headers(self) -> None:
         await self.headers_known.wait()
         if self.error is not None and self.size is None:
@@ -90,7 +112,8 @@ class BlobDownloads:
         origin: OriginClient,
         config: AgentConfig,
         nursery: trio.Nursery,
-        on_committed: Callable[[Digest], None] | None = None,
+        on_committed: Callable[[Download], Awaitable[None]] | None = None,
+        on_piece: Callable[[Digest, int], None] | None = None,
     ) -> None:
         self._store = store
         self._origin = origin
@@ -98,23 +121,31 @@ class BlobDownloads:
         self._nursery = nursery
         self._active: dict[Digest, Download] = {}
         self._on_committed = on_committed
+        self._on_piece = on_piece
+        # Fetches a blob some other way than straight from the origin (the swarm); None: origin.
+        self.coordinator: Coordinator | None = None
         self.origin_requests = 0
 
     def active(self, digest: Digest) -> Download | None:
         return self._active.get(digest)
 
-    def start(self, digest: Digest, request: OriginRequest) -> Download:
+    def start(
+        self, digest: Digest, request: OriginRequest, manifest_accept: str | None = None
+    ) -> Download:
         """Join the download of ``digest`` or start one. Never blocks."""
         download = self._active.get(digest)
         if download is None:
-            download = Download(digest, self._store.new_partial(digest))
+            download = Download(digest, self._store.new_partial(digest), manifest_accept)
             self._active[digest] = download
             self._nursery.start_soon(self._run, download, request)
         return download
 
     async def _run(self, download: Download, request: OriginRequest) -> None:
         try:
-            await self._fetch(download, request)
+            if self.coordinator is not None:
+                await self.coordinator.fetch(download, request, self)
+            else:
+                await self.fetch_from_origin(download, request)
             assembly = download.assembly
             assert assembly is not None
             if not await assembly.verify():
@@ -128,9 +159,15 @@ class BlobDownloads:
             download.reserved = 0
             partial.written = download.size or 0
             self._store.commit(partial)
+            self._store.put_metainfo(assembly.metainfo)
+            log.info(
+                "cached %s (%d bytes; %d from the origin)",
+                download.digest,
+                download.size,
+                download.bytes_from_origin,
+            )
             if self._on_committed is not None:
-                self._on_committed(download.digest)
-            log.info("cached %s (%d bytes) from the origin", download.digest, download.size)
+                await self._on_committed(download)
         except BaseException as raised:
             exc = _single_leaf(raised)
             if not download.verified:  # after the verdict, clients already have good bytes
@@ -139,7 +176,10 @@ class BlobDownloads:
                 await download.assembly.abort()
             self._store.discard(download.partial)
             if isinstance(exc, DigestMismatch):
-                log.error("origin content for %s failed verification: %s", download.digest, exc)
+                log.error("content for %s failed verification: %s", download.digest, exc)
+                if self.coordinator is not None:
+                    with trio.CancelScope(shield=True), trio.move_on_after(5):
+                        await self.coordinator.report_bad(download.digest)
             elif isinstance(exc, Exception):
                 log.warning("download of %s failed: %s", download.digest, exc)
             if not isinstance(raised, Exception):
@@ -151,10 +191,13 @@ class BlobDownloads:
             download.notify()
             del self._active[download.digest]
 
-    async def _fetch(self, download: Download, request: OriginRequest) -> None:
-        """Receive the blob from the origin, resuming after dropped connections."""
+    async def fetch_from_origin(
+        self, download: Download, request: OriginRequest, start: int = 0
+    ) -> None:
+        """Receive the blob from the origin from byte ``start`` (a piece boundary) to its end,
+        resuming after dropped connections."""
         resumes = 0
-        offset = 0
+        offset = start
         while True:
             try:
                 offset = await self._stream_once(download, request, offset)
@@ -170,7 +213,10 @@ class BlobDownloads:
         """One origin GET from ``offset``; returns the offset reached (the blob's end)."""
         self.origin_requests += 1
         download.origin_requests += 1
-        async with self._origin.stream_blob(request, download.digest, offset) as response:
+        async with self._origin.stream_blob(
+            request, download.digest, offset, download.manifest_accept
+        ) as response:
+            download.content_type = response.headers.get("content-type")
             if download.assembly is None:
                 self._prepare(download, response)
             assembly = download.assembly
@@ -197,15 +243,34 @@ class BlobDownloads:
             raise RegistryError(
                 "UNAVAILABLE", "the origin sent the blob without a Content-Length", status=502
             )
+        if download.manifest_accept is not None and size > MAX_MANIFEST_BYTES:
+            raise RegistryError("MANIFEST_INVALID", f"origin sent a manifest of {size} bytes")
+        self.prepare(download, MetaInfo.empty(download.digest, size, self.piece_length))
+
+    @property
+    def piece_length(self) -> int:
+        return self._config.piece_length
+
+    def prepare(self, download: Download, metainfo: MetaInfo) -> BlobAssembly:
+        """The blob's size is known: reserve room, lay out the partial file, let clients in."""
+        size = metainfo.size
         download.size = size
         if size > self._store.capacity:
             log.warning("%s is larger than the cache; it will not be kept", download.digest)
         else:
             self._store.reserve(size)
             download.reserved = size
-        metainfo = MetaInfo.empty(download.digest, size, DEFAULT_PIECE_LENGTH)
-        download.assembly = BlobAssembly(download.partial, metainfo, download.notify)
+
+        def on_piece(index: int) -> None:
+            download.notify()
+            if self._on_piece is not None:
+                self._on_piece(download.digest, index)
+            for listener in download.piece_listeners:
+                listener(index)
+
+        download.assembly = BlobAssembly(download.partial, metainfo, download.notify, on_piece)
         download.headers_known.set()
+        return download.assembly
 
 
 def _total_size(response: httpx.Response) -> int | None:

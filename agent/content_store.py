@@ -27,7 +27,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-import msgpack
+import msgpack  # type: ignore[import-untyped]
 
 from p2preg.digest import Digest
 from p2preg.errors import RemoteProtocolError
@@ -273,6 +273,11 @@ class ContentStore:
         self._entries[digest] = _Entry(size)
         self._used += size
         return True
+
+    def set_media_type(self, digest: Digest, media_type: str) -> None:
+        """Record the media type of a manifest that was committed as a blob."""
+        if digest in self._entries:
+            self._write_small_file(self._type_path(digest), media_type.encode())
 
     def put_manifest(self, digest: Digest, data: bytes, media_type: str) -> None:
         """Store a small, already verified manifest."""

@@ -9,10 +9,12 @@ fetched by digest, verified against that digest, and kept in the content store.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import trio
 
+from agent.blob_downloads import BlobDownloads
 from agent.content_store import ContentStore
 from agent.origin_client import OriginClient, OriginRequest
 from p2preg.config import AgentConfig
@@ -51,6 +53,8 @@ class ManifestService:
         # (origin URL, repository, tag, normalized Accept) -> last answer. Bounded below.
         self._tags: dict[tuple[str, str, str, str], _TagEntry] = {}
         self._in_flight: dict[Digest, trio.Event] = {}
+        # Set by the agent when manifests may come from peers (BlobDownloads with a swarm).
+        self.downloads: BlobDownloads | None = None
 
     # -- tags ----------------------------------------------------------------------------------
 
@@ -122,6 +126,8 @@ class ManifestService:
             await waiting.wait()  # someone else is fetching it: share their result
         done = self._in_flight[digest] = trio.Event()
         try:
+            if self.downloads is not None and self.downloads.coordinator is not None:
+                return await self._get_through_swarm(request, digest, accept)
             data, response = await self._origin.get_manifest(
                 request, str(digest), normalize_accept(accept), MAX_MANIFEST_BYTES
             )
@@ -144,3 +150,34 @@ class ManifestService:
         finally:
             del self._in_flight[digest]
             done.set()
+
+    async def _get_through_swarm(
+        self, request: OriginRequest, digest: Digest, accept: str | None
+    ) -> Manifest:
+        """A manifest by digest is content like any blob: fetch it from peers when they have it,
+        so a rollout costs the origin one manifest GET, not one per node."""
+        assert self.downloads is not None
+        download = self.downloads.start(digest, request, manifest_accept=normalize_accept(accept))
+        fd = os.open(download.partial.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            with trio.fail_after(self._config.request_timeout):
+                await download.wait_headers()
+                await download.wait_verdict()
+            if download.error is not None:
+                error = download.error
+                if isinstance(error, RegistryError | UpstreamUnavailable):
+                    raise error
+                raise RegistryError("UNAVAILABLE", f"manifest download failed: {error}")
+            size = download.size or 0
+            data = os.pread(fd, size, 0) if size else b""
+        except trio.TooSlowError:
+            raise RegistryError("UNAVAILABLE", "the manifest did not arrive in time") from None
+        finally:
+            os.close(fd)
+        media_type = manifest_media_type(download.content_type, data)
+        try:
+            await download.wait_committed()
+            self._store.set_media_type(digest, media_type)
+        except OSError as exc:
+            log.warning("could not record the media type of %s: %s", digest, exc)
+        return Manifest(digest, media_type, data)

@@ -124,15 +124,27 @@ class OriginClient:
 
     @asynccontextmanager
     async def stream_blob(
-        self, request: OriginRequest, digest: Digest, offset: int = 0
+        self,
+        request: OriginRequest,
+        digest: Digest,
+        offset: int = 0,
+        manifest_accept: str | None = None,
     ) -> AsyncIterator[httpx.Response]:
         """Open a blob download at ``offset``; the response is 200 (offset 0) or 206.
 
-        Read the body with ``body_of(response).receive()`` until it returns b"".
+        With ``manifest_accept`` the content is a manifest, fetched by digest from the manifests
+        endpoint (registries keep manifests apart from blobs). Read the body with
+        ``body_of(response).receive()`` until it returns b"".
         """
         headers = {"Range": f"bytes={offset}-"} if offset else {}
-        path = f"/v2/{request.repository}/blobs/{digest}"
-        response = await self._send(request, "GET", path, headers, "BLOB_UNKNOWN")
+        if manifest_accept is not None:
+            headers["Accept"] = manifest_accept
+            path = f"/v2/{request.repository}/manifests/{digest}"
+            unknown = "MANIFEST_UNKNOWN"
+        else:
+            path = f"/v2/{request.repository}/blobs/{digest}"
+            unknown = "BLOB_UNKNOWN"
+        response = await self._send(request, "GET", path, headers, unknown)
         try:
             if offset and response.status_code != 206:
                 raise UpstreamUnavailable(

@@ -1,4 +1,5 @@
-"""The agent process: wires the store, the origin client, downloads and the registry endpoint."""
+"""The agent process: wires the store, the origin client, downloads, the registry endpoint and,
+with a peer address, the peer server, the tracker client and the swarm coordinator."""
 
 from __future__ import annotations
 
@@ -8,14 +9,22 @@ from pathlib import Path
 
 import trio
 
-from agent.blob_downloads import BlobDownloads
+from agent.blob_downloads import BlobDownloads, Download
 from agent.content_store import ContentStore
 from agent.docker_config import load_docker_config
 from agent.manifest_service import ManifestService
 from agent.origin_client import OriginClient
+from agent.peer_link import load_peer_id
+from agent.peer_server import PeerServer
 from agent.registry_api import RegistryEndpoint
+from agent.swarm import PeerIdentity
+from agent.swarm_coordinator import SwarmCoordinator
+from p2preg.cluster_auth import parse_cluster_secret
 from p2preg.config import AgentConfig
+from p2preg.errors import ConfigError
 from p2preg.http_server import bound_port, serve_http
+from p2preg.token_bucket import RateLimiter
+from tracker.client import TrackerClient
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +38,24 @@ class RunningAgent:
     store: ContentStore
     downloads: BlobDownloads
     origin: OriginClient
+    peer_id: bytes = b""
+    peer_port: int = 0
+    peer_server: PeerServer | None = None
+    coordinator: SwarmCoordinator | None = None
 
     @property
     def registry_url(self) -> str:
         return f"http://{self.config.registry_host}:{self.registry_port}"
+
+
+def read_cluster_secret(path: str | None) -> bytes:
+    if path is None:
+        raise ConfigError("peer-to-peer needs --cluster-secret-file")
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cluster-secret-file {path}: {exc.strerror}") from None
+    return parse_cluster_secret(data, f"cluster-secret-file {path}")
 
 
 async def run_agent(
@@ -40,11 +63,13 @@ async def run_agent(
     *,
     task_status: trio.TaskStatus[RunningAgent] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the agent until cancelled. Reports a RunningAgent once the endpoint listens."""
+    """Run the agent until cancelled. Reports a RunningAgent once every listener is up."""
     credentials = {}
     if config.docker_config:
         credentials.update(load_docker_config(config.docker_config))
     credentials.update(config.credentials)
+    secret = read_cluster_secret(config.cluster_secret_file) if config.p2p_enabled else b""
+    assert config.cluster_secret_file or not config.p2p_enabled
     store = await trio.to_thread.run_sync(
         ContentStore.open, Path(config.data_dir), config.cache_size
     )
@@ -56,17 +81,83 @@ async def run_agent(
         config.cache_size,
     )
     origin = OriginClient(config, credentials)
+    tracker: TrackerClient | None = None
     try:
         async with trio.open_nursery() as nursery:
-            downloads = BlobDownloads(store, origin, config, nursery)
+            peer_server: PeerServer | None = None
+            coordinator: SwarmCoordinator | None = None
+            peer_id, peer_port = b"", 0
+            if config.p2p_enabled:
+                assert config.peer_host is not None
+                peer_id = load_peer_id(config.data_dir)
+                upload = RateLimiter(config.upload_limit)
+                download = RateLimiter(config.download_limit)
+                peer_server = PeerServer(peer_id, secret, store, upload, download)
+                listeners = await nursery.start(
+                    peer_server.serve, config.peer_host, config.peer_port
+                )
+                peer_port = bound_port(listeners)
+                advertise = config.peer_advertise_addr or f"{config.peer_host}:{peer_port}"
+                log.info(
+                    "peer server on %s:%d (advertised as %s)",
+                    config.peer_host,
+                    peer_port,
+                    advertise,
+                )
+                if config.trackers:
+                    tracker = TrackerClient(config.trackers, peer_id, secret)
+                    coordinator = SwarmCoordinator(
+                        config,
+                        tracker,
+                        PeerIdentity(peer_id, secret, upload, download),
+                        advertise,
+                        peer_server,
+                    )
+
+            async def committed(completed: Download) -> None:
+                if coordinator is not None:
+                    await coordinator.completed(completed)
+
+            downloads = BlobDownloads(
+                store,
+                origin,
+                config,
+                nursery,
+                on_committed=committed,
+                on_piece=peer_server.piece_available if peer_server is not None else None,
+            )
+            if coordinator is not None and peer_server is not None:
+                downloads.coordinator = coordinator
+                peer_server.set_active_sources(
+                    lambda digest: coordinator.active_source(downloads, digest)
+                )
+                nursery.start_soon(coordinator.seed_forever, store.digests, store.read_metainfo)
+            elif peer_server is not None:
+                peer_server.set_active_sources(lambda digest: None)
             manifests = ManifestService(config, store, origin)
+            if coordinator is not None:
+                manifests.downloads = downloads
             endpoint = RegistryEndpoint(config, store, origin, downloads, manifests)
             listeners = await nursery.start(
                 serve_http, config.registry_host, config.registry_port, endpoint.handle
             )
             port = bound_port(listeners)
             log.info("registry endpoint listening on http://%s:%d", config.registry_host, port)
-            task_status.started(RunningAgent(config, port, store, downloads, origin))
+            task_status.started(
+                RunningAgent(
+                    config,
+                    port,
+                    store,
+                    downloads,
+                    origin,
+                    peer_id,
+                    peer_port,
+                    peer_server,
+                    coordinator,
+                )
+            )
     finally:
         with trio.CancelScope(shield=True):
             await origin.aclose()
+            if tracker is not None:
+                await tracker.aclose()

@@ -1,4 +1,4 @@
-"""Agent configuration: one frozen object built from flags, environment and a TOML file.
+"""Configuration: frozen objects built from flags, environment and (for the agent) a TOML file.
 
 Precedence is flag, then environment (``P2PREG_<NAME>``; repeatable options comma-separated),
 then the config file, then the built-in default. This module is pure: the caller passes the
@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from p2preg.cluster_auth import parse_cluster_secret
 from p2preg.errors import ConfigError
+from p2preg.metainfo import DEFAULT_PIECE_LENGTH, MAX_PIECE_LENGTH, MIN_PIECE_LENGTH
 from p2preg.reference import DOCKER_HUB_NAMESPACE
 from p2preg.units import parse_duration, parse_size
 
@@ -64,6 +66,24 @@ class AgentConfig:
     # Total time a manifest request or a blob's first byte may take, retries included.
     request_timeout: float = 60.0
     log_level: str = "info"
+    # -- peer to peer (off until a peer address is given) --------------------------------------
+    peer_host: str | None = None
+    peer_port: int = 0
+    # host:port other agents dial; defaults to the peer address (must not be 0.0.0.0 then).
+    peer_advertise_addr: str | None = None
+    trackers: tuple[str, ...] = ()
+    cluster_secret_file: str | None = None
+    zone: str = ""
+    upload_limit: int | None = None  # bytes per second; None = unlimited
+    download_limit: int | None = None
+    piece_length: int = DEFAULT_PIECE_LENGTH
+    # A swarm download that gains nothing for this long takes (or waits for) the origin lease.
+    swarm_stall_timeout: float = 3.0
+    piece_timeout: float = 10.0
+
+    @property
+    def p2p_enabled(self) -> bool:
+        return self.peer_host is not None
 
 
 def parse_host_port(text: str, what: str) -> tuple[str, int]:
@@ -138,6 +158,16 @@ _OPTIONS: dict[str, Callable[[Any, str], Any]] = {
     "idle_timeout": lambda v, w: parse_duration(v, w),
     "request_timeout": lambda v, w: parse_duration(v, w),
     "log_level": _as_str,
+    "peer_addr": _as_str,
+    "peer_advertise_addr": _as_str,
+    "tracker": _as_list,
+    "cluster_secret_file": _as_str,
+    "zone": _as_str,
+    "upload_limit": lambda v, w: parse_size(v, w),
+    "download_limit": lambda v, w: parse_size(v, w),
+    "piece_length": lambda v, w: parse_size(v, w),
+    "swarm_stall_timeout": lambda v, w: parse_duration(v, w),
+    "piece_timeout": lambda v, w: parse_duration(v, w),
 }
 _FILE_ONLY_KEYS = {"credentials"}
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -202,7 +232,123 @@ def build_agent_config(
         kwargs["credentials"] = parse_credentials(file_values["credentials"])
     if "data_dir" in chosen:
         chosen["data_dir"] = os.path.abspath(os.path.expanduser(chosen["data_dir"]))
+    if "peer_addr" in chosen:
+        kwargs["peer_host"], kwargs["peer_port"] = parse_host_port(
+            chosen.pop("peer_addr"), "peer-addr"
+        )
+    if "peer_advertise_addr" in chosen:
+        host, port = parse_host_port(chosen["peer_advertise_addr"], "peer-advertise-addr")
+        if port == 0 or host in ("0.0.0.0", "::"):
+            raise ConfigError("peer-advertise-addr must be an address other agents can dial")
+    if "tracker" in chosen:
+        kwargs["trackers"] = tuple(
+            parse_upstream_url(url, "tracker").url for url in chosen.pop("tracker")
+        )
+    for name in ("upload_limit", "download_limit"):
+        if name in chosen and chosen[name] <= 0:
+            raise ConfigError(f"{name.replace('_', '-')} must be larger than zero")
+    if "piece_length" in chosen:
+        length = chosen["piece_length"]
+        if not MIN_PIECE_LENGTH <= length <= MAX_PIECE_LENGTH or length & (length - 1):
+            raise ConfigError("piece-length must be a power of two between 64KiB and 64MiB")
     kwargs.update(chosen)
     if kwargs.get("cache_size", 1) <= 0:
         raise ConfigError("cache-size must be larger than zero")
+    if (kwargs.get("trackers") or kwargs.get("peer_host")) and not kwargs.get(
+        "cluster_secret_file"
+    ):
+        raise ConfigError("peer-to-peer needs --cluster-secret-file (a secret all agents share)")
+    if kwargs.get("trackers") and not kwargs.get("peer_host"):
+        raise ConfigError("--tracker needs --peer-addr (where this agent serves pieces)")
     return AgentConfig(**kwargs)
+
+
+# -- tracker ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TrackerConfig:
+    """The tracker's settings. ``cluster_secret`` is the shared HMAC key (never printed)."""
+
+    cluster_secret: bytes = field(repr=False)
+    host: str = "0.0.0.0"
+    port: int = 5081
+    # A peer that has not announced for this long is no longer handed out.
+    peer_ttl: float = 30.0
+    # How long an origin-fetch lease lasts without renewal.
+    lease_ttl: float = 10.0
+    # Peers handed out per announce.
+    max_peers: int = 50
+    # Disjoint piece ranges of one blob that may be fetched from the origin at once.
+    max_origin_fetchers: int = 2
+    max_peers_per_digest: int = 10_000
+    max_digests: int = 100_000
+    # Handout load decays with this half-life (the policy's "recent window").
+    load_half_life: float = 10.0
+    # A publisher reported for bad data may not publish or lease that blob for this long.
+    bad_publisher_quarantine: float = 60.0
+    session_ttl: float = 600.0
+    max_body: int = 4 * 1024 * 1024
+    log_level: str = "info"
+
+    @property
+    def announce_interval(self) -> float:
+        """What the tracker tells peers: announce again well before the TTL runs out."""
+        return max(1.0, self.peer_ttl / 3)
+
+
+def _as_int(low: int, high: int) -> Callable[[Any, str], int]:
+    def convert(value: Any, what: str) -> int:
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value.strip())
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise ConfigError(f"{what}: expected a whole number {low}..{high}, got {value!r}")
+        return value
+
+    return convert
+
+
+def _positive_duration(value: Any, what: str) -> float:
+    seconds = parse_duration(value, what)
+    if seconds <= 0:
+        raise ConfigError(f"{what} must be larger than zero")
+    return seconds
+
+
+# Tracker options: flag ``--peer-ttl`` / env ``P2PREG_PEER_TTL``.
+_TRACKER_OPTIONS: dict[str, Callable[[Any, str], Any]] = {
+    "addr": _as_str,
+    "cluster_secret_file": _as_str,
+    "peer_ttl": _positive_duration,
+    "lease_ttl": _positive_duration,
+    "max_peers": _as_int(1, 1000),
+    "log_level": _as_str,
+}
+
+
+def build_tracker_config(
+    flags: Mapping[str, Any],
+    env: Mapping[str, str],
+    read_file: Callable[[str], bytes],
+) -> TrackerConfig:
+    """Flags over ``P2PREG_<NAME>`` environment variables; ``--addr`` and
+    ``--cluster-secret-file`` are required. ``read_file(path)`` returns the secret file's bytes
+    (or raises ConfigError); the CLI passes a real reader, tests a fake."""
+    chosen: dict[str, Any] = {}
+    for name, convert in _TRACKER_OPTIONS.items():
+        env_name = ENV_PREFIX + name.upper()
+        flag_value = flags.get(name)
+        if flag_value is not None:
+            chosen[name] = convert(flag_value, f"--{name.replace('_', '-')}")
+        elif env_name in env:
+            chosen[name] = convert(env[env_name], env_name)
+    for required in ("addr", "cluster_secret_file"):
+        if required not in chosen:
+            flag = "--" + required.replace("_", "-")
+            raise ConfigError(f"{flag} is required (or {ENV_PREFIX}{required.upper()})")
+    host, port = parse_host_port(chosen.pop("addr"), "addr")
+    path = chosen.pop("cluster_secret_file")
+    secret = parse_cluster_secret(read_file(path), f"cluster secret file {path}")
+    if "log_level" in chosen and chosen["log_level"].lower() not in LOG_LEVELS:
+        raise ConfigError(f"log-level: expected one of {', '.join(LOG_LEVELS)}")
+    return TrackerConfig(cluster_secret=secret, host=host, port=port, **chosen)

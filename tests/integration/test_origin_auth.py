@@ -11,9 +11,9 @@ import pytest
 import trio
 
 from agent.docker_config import load_docker_config
-from p2preg.http_server import Request, Response, bound_port, serve_http
 from p2preg.config import Credentials
 from p2preg.errors import ConfigError
+from p2preg.http_server import Request, Response, bound_port, serve_http
 from p2preg.mediatypes import DEFAULT_MANIFEST_ACCEPT
 from tests.support.fault_proxy import Fault, run_fault_proxy
 

@@ -1,0 +1,199 @@
+"""One authenticated peer connection over trio: the IO half of p2preg.wire.PeerConnection.
+
+The codec decides everything (framing, the HMAC handshake, what may be sent when); this module
+only moves bytes, with a deadline on every wait, a lock so frames from two tasks never interleave,
+and rate limits on both directions. Pieces go out with os.sendfile straight from the blob file,
+after a header frame (the payload never passes through msgpack or a Python buffer).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+import trio
+
+from p2preg.digest import Digest
+from p2preg.errors import RemoteProtocolError
+from p2preg.token_bucket import RateLimiter
+from p2preg.wire import (
+    NEED_DATA,
+    Authenticated,
+    ConnectionClosed,
+    Event,
+    Message,
+    PeerConnection,
+    Role,
+)
+from p2preg.zerocopy import sendfile_all
+
+RECEIVE_SIZE = 256 * 1024
+HANDSHAKE_TIMEOUT = 10.0
+SEND_TIMEOUT = 30.0
+# Upload pacing granularity: sendfile at most this much between token-bucket checks.
+UPLOAD_CHUNK = 256 * 1024
+
+
+class PeerGone(Exception):
+    """The connection ended (closed, broken, or timed out)."""
+
+
+class PeerLink:
+    def __init__(
+        self,
+        stream: trio.SocketStream,
+        connection: PeerConnection,
+        upload: RateLimiter,
+        download: RateLimiter,
+    ) -> None:
+        self.stream = stream
+        self.connection = connection
+        self._upload = upload
+        self._download = download
+        self._send_lock = trio.Lock()
+        self.address = _peer_address(stream)
+
+    @property
+    def peer_id(self) -> bytes:
+        assert self.connection.peer_id is not None
+        return self.connection.peer_id
+
+    @classmethod
+    async def dial(
+        cls,
+        address: tuple[str, int],
+        local_id: bytes,
+        secret: bytes,
+        upload: RateLimiter,
+        download: RateLimiter,
+        *,
+        connect_timeout: float = 5.0,
+    ) -> PeerLink:
+        try:
+            with trio.fail_after(connect_timeout):
+                stream = await trio.open_tcp_stream(*address)
+        except (OSError, trio.TooSlowError) as exc:
+            raise PeerGone(f"cannot connect to peer {address[0]}:{address[1]}: {exc}") from exc
+        return await cls._handshake(stream, Role.DIALER, local_id, secret, upload, download)
+
+    @classmethod
+    async def accept(
+        cls,
+        stream: trio.SocketStream,
+        local_id: bytes,
+        secret: bytes,
+        upload: RateLimiter,
+        download: RateLimiter,
+    ) -> PeerLink:
+        return await cls._handshake(stream, Role.LISTENER, local_id, secret, upload, download)
+
+    @classmethod
+    async def _handshake(
+        cls,
+        stream: trio.SocketStream,
+        role: Role,
+        local_id: bytes,
+        secret: bytes,
+        upload: RateLimiter,
+        download: RateLimiter,
+    ) -> PeerLink:
+        connection = PeerConnection(role, local_id, secret, secrets.token_bytes(32))
+        link = cls(stream, connection, upload, download)
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                await link._send_raw(connection.initiate())
+                while True:
+                    event = await link.receive()
+                    if isinstance(event, Authenticated):
+                        return link
+                    if isinstance(event, ConnectionClosed):
+                        raise PeerGone("peer closed the connection during the handshake")
+        except BaseException:
+            await link.aclose()
+            raise
+
+    async def receive(self) -> Event:
+        """The next event from the peer. Raises RemoteProtocolError on bad bytes, PeerGone
+        when the connection broke. Handshake replies the codec produces are sent here."""
+        while True:
+            event = self.connection.next_event()
+            pending = self.connection.data_to_send()
+            if pending:
+                await self._send_raw(pending)
+            if event is not NEED_DATA:
+                assert not isinstance(event, type)
+                return event
+            try:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise PeerGone(f"connection to peer lost: {exc!r}") from exc
+            if data:
+                await self._download.acquire(len(data))
+            self.connection.receive_data(data)
+
+    async def send(self, message: Message) -> None:
+        async with self._send_lock:
+            await self._send_raw(self.connection.send(message))
+
+    async def send_piece(
+        self, digest: Digest, index: int, fd: int, offset: int, length: int
+    ) -> None:
+        """A piece header, then ``length`` bytes of ``fd`` from ``offset`` with sendfile."""
+        async with self._send_lock:
+            await self._send_raw(self.connection.piece_header(digest, index, length))
+            sent = 0
+            while sent < length:
+                chunk = min(UPLOAD_CHUNK, length - sent)
+                await self._upload.acquire(chunk)
+                try:
+                    await sendfile_all(
+                        self.stream.socket, fd, offset + sent, chunk, stall_seconds=SEND_TIMEOUT
+                    )
+                except (OSError, trio.TooSlowError, EOFError) as exc:
+                    raise PeerGone(f"sending piece {index} failed: {exc!r}") from exc
+                sent += chunk
+
+    async def _send_raw(self, data: bytes) -> None:
+        if not data:
+            return
+        try:
+            with trio.fail_after(SEND_TIMEOUT):
+                await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise PeerGone(f"connection to peer lost: {exc!r}") from exc
+        except trio.TooSlowError as exc:
+            raise PeerGone("peer stopped reading") from exc
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(self.stream)
+
+
+def _peer_address(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+    except OSError:
+        return "?"
+    return f"{host}:{port}"
+
+
+def load_peer_id(data_dir: str) -> bytes:
+    """This agent's persistent peer id: 16 random bytes kept in ``<data-dir>/peer-id``."""
+    path = os.path.join(data_dir, "peer-id")
+    try:
+        with open(path, "rb") as file:
+            value = file.read()
+        if len(value) == 16:
+            return value
+    except FileNotFoundError:
+        pass
+    os.makedirs(data_dir, exist_ok=True)
+    value = secrets.token_bytes(16)
+    temporary = f"{path}.{secrets.token_hex(4)}"
+    with open(temporary, "wb") as file:
+        file.write(value)
+    os.replace(temporary, path)
+    return value
+
+
+__all__ = ["PeerGone", "PeerLink", "RemoteProtocolError", "load_peer_id"]

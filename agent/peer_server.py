@@ -1,0 +1,263 @@
+"""Serves pieces to other agents: of blobs in the store and of blobs still downloading.
+
+Each accepted connection must pass the cluster-secret handshake (agent/peer_link.py) before it
+can ask for anything. Then, per connection, one task reads requests and answers them in order
+(pieces leave with sendfile, paced by --upload-limit), and one task sends HAVE messages for
+pieces this agent gains while the peer is interested: a blob that is half downloaded is already
+served, piece by piece.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from agent.content_store import ContentStore
+from agent.peer_link import PeerGone, PeerLink
+from p2preg.bitfield import Bitfield
+from p2preg.digest import Digest
+from p2preg.errors import ConfigError, LocalProtocolError, RemoteProtocolError
+from p2preg.metainfo import DEFAULT_PIECE_LENGTH, MetaInfo, piece_count, piece_hash
+from p2preg.token_bucket import RateLimiter
+from p2preg.wire import (
+    BitfieldMsg,
+    Cancel,
+    ConnectionClosed,
+    Error,
+    GetMeta,
+    Have,
+    Holdings,
+    Interest,
+    KeepAlive,
+    Meta,
+    Query,
+    Reject,
+    Request,
+)
+
+log = logging.getLogger(__name__)
+IDLE_TIMEOUT = 300.0
+MAX_CONNECTIONS = 512
+
+
+@dataclass(slots=True)
+class PieceSource:
+    """What this agent can serve of one blob right now."""
+
+    metainfo: MetaInfo | None
+    pieces: Bitfield
+    # Opens a descriptor to read piece bytes from; the caller closes it. None: gone meanwhile.
+    open_fd: Callable[[], int | None]
+
+
+SourceLookup = Callable[[Digest], PieceSource | None]
+
+
+@dataclass(slots=True, eq=False)  # identity semantics: kept in sets
+class _Subscriber:
+    link: PeerLink
+    pending: dict[Digest, list[int]] = field(default_factory=dict)
+    wakeup: trio.Event = field(default_factory=trio.Event)
+
+
+class PeerServer:
+    def __init__(
+        self,
+        peer_id: bytes,
+        secret: bytes,
+        store: ContentStore,
+        upload: RateLimiter,
+        download: RateLimiter,
+    ) -> None:
+        self._peer_id = peer_id
+        self._secret = secret
+        self._store = store
+        self._upload = upload
+        self._download = download
+        self._active_sources: SourceLookup = lambda digest: None
+        self._subscribers: dict[Digest, set[_Subscriber]] = {}
+        self._connections = 0
+        self.pieces_served = 0
+        self.bytes_served = 0
+
+    def set_active_sources(self, lookup: SourceLookup) -> None:
+        """Where to find blobs that are still downloading (BlobDownloads)."""
+        self._active_sources = lookup
+
+    # -- what we can serve ---------------------------------------------------------------------
+
+    def source_for(self, digest: Digest) -> PieceSource | None:
+        active = self._active_sources(digest)
+        if active is not None:
+            return active
+        size = self._store.size_of(digest)
+        if size is None:
+            return None
+        metainfo = self._store.read_metainfo(digest)
+        count = metainfo.num_pieces if metainfo else piece_count(size, DEFAULT_PIECE_LENGTH)
+        store = self._store
+
+        def open_fd() -> int | None:
+            blob = store.acquire(digest)
+            if blob is None:
+                return None
+            try:
+                return os.dup(blob.fd)
+            finally:
+                blob.release()
+
+        return PieceSource(metainfo, Bitfield.full(count), open_fd)
+
+    def piece_available(self, digest: Digest, index: int) -> None:
+        """A new piece of ``digest`` is servable: tell every interested peer."""
+        for subscriber in self._subscribers.get(digest, ()):
+            subscriber.pending.setdefault(digest, []).append(index)
+            subscriber.wakeup.set()
+
+    # -- serving -------------------------------------------------------------------------------
+
+    async def serve(
+        self,
+        host: str,
+        port: int,
+        *,
+        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=host)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, self._handle, listeners)
+            task_status.started(listeners)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        if self._connections >= MAX_CONNECTIONS:
+            await trio.aclose_forcefully(stream)
+            return
+        self._connections += 1
+        try:
+            link = await PeerLink.accept(
+                stream, self._peer_id, self._secret, self._upload, self._download
+            )
+        except (RemoteProtocolError, PeerGone, trio.TooSlowError) as exc:
+            log.warning("refused peer connection: %s", exc)
+            self._connections -= 1
+            return
+        subscriber = _Subscriber(link)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._send_haves, subscriber)
+                await self._serve_link(subscriber)
+                nursery.cancel_scope.cancel()
+        except* (RemoteProtocolError, LocalProtocolError) as group:
+            log.warning("peer %s broke the protocol: %s", link.address, group.exceptions[0])
+            with trio.move_on_after(1), contextlib.suppress(Exception):
+                await link.send(Error("protocol", str(group.exceptions[0])[:200]))
+        except* (PeerGone, trio.TooSlowError):
+            pass  # the peer went away or stalled: nothing to tell anyone
+        except* Exception:
+            # A bug in serving one peer must not take the listener down with it.
+            log.exception("serving peer %s failed", link.address)
+        finally:
+            for subscribers in self._subscribers.values():
+                subscribers.discard(subscriber)
+            await link.aclose()
+            self._connections -= 1
+
+    async def _serve_link(self, subscriber: _Subscriber) -> None:
+        link = subscriber.link
+        while True:
+            with trio.fail_after(IDLE_TIMEOUT):
+                event = await link.receive()
+            if isinstance(event, ConnectionClosed | Error):
+                return
+            if isinstance(event, Interest):
+                await self._interest(subscriber, event.digest)
+            elif isinstance(event, Request):
+                await self._request(link, event)
+            elif isinstance(event, Query):
+                held = tuple(d for d in event.digests if self._holds(d))
+                await link.send(Holdings(held))
+            elif isinstance(event, GetMeta):
+                await self._get_meta(link, event.digest)
+            elif isinstance(event, Cancel | KeepAlive):
+                pass  # requests are answered in order; a cancel arrives too late to matter
+
+    def _holds(self, digest: Digest) -> bool:
+        source = self.source_for(digest)
+        return source is not None and len(source.pieces) > 0
+
+    async def _interest(self, subscriber: _Subscriber, digest: Digest) -> None:
+        source = self.source_for(digest)
+        if source is None:
+            await subscriber.link.send(Reject(digest, -1, "not here"))
+            return
+        self._subscribers.setdefault(digest, set()).add(subscriber)
+        await subscriber.link.send(BitfieldMsg.of(digest, source.pieces))
+
+    async def _request(self, link: PeerLink, request: Request) -> None:
+        source = self.source_for(request.digest)
+        if source is None or request.index not in source.pieces or source.metainfo is None:
+            await link.send(Reject(request.digest, request.index, "piece not held"))
+            return
+        offset, length = source.metainfo.span(request.index)
+        fd = source.open_fd()
+        if fd is None:
+            await link.send(Reject(request.digest, request.index, "piece not held"))
+            return
+        try:
+            await link.send_piece(request.digest, request.index, fd, offset, length)
+        finally:
+            os.close(fd)
+        self.pieces_served += 1
+        self.bytes_served += length
+
+    async def _get_meta(self, link: PeerLink, digest: Digest) -> None:
+        source = self.source_for(digest)
+        metainfo = source.metainfo if source is not None else None
+        if source is not None and metainfo is None and self._store.has(digest):
+            metainfo = await self._compute_metainfo(digest)
+        if metainfo is None:
+            await link.send(Reject(digest, -1, "no metainfo"))
+        else:
+            await link.send(Meta(metainfo))
+
+    async def _compute_metainfo(self, digest: Digest) -> MetaInfo | None:
+        """Piece hashes of a stored blob that has none recorded (cached before P2P was on)."""
+        blob = self._store.acquire(digest)
+        if blob is None:
+            return None
+        try:
+            fd, size = os.dup(blob.fd), blob.size
+        finally:
+            blob.release()
+
+        def compute() -> MetaInfo:
+            try:
+                empty = MetaInfo.empty(digest, size, DEFAULT_PIECE_LENGTH)
+                hashes = []
+                for index in range(empty.num_pieces):
+                    offset, length = empty.span(index)
+                    hashes.append((index, piece_hash(os.pread(fd, length, offset))))
+                return empty.with_hashes(hashes)
+            finally:
+                os.close(fd)
+
+        metainfo = await trio.to_thread.run_sync(compute)
+        self._store.put_metainfo(metainfo)
+        return metainfo
+
+    async def _send_haves(self, subscriber: _Subscriber) -> None:
+        while True:
+            await subscriber.wakeup.wait()
+            subscriber.wakeup = trio.Event()
+            pending, subscriber.pending = subscriber.pending, {}
+            for digest, indexes in pending.items():
+                for index in indexes:
+                    await subscriber.link.send(Have(digest, index))

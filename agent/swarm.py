@@ -1,0 +1,282 @@
+"""Fetches one blob's pieces from other agents: the downloading half of the peer protocol.
+
+One ``Swarm`` per blob being downloaded. Its state (the piece picker, each peer's bitfield and
+requests in flight) changes only in plain methods that never await, called from this swarm's own
+tasks, so trio's cooperative scheduling makes every change atomic: one writer, as in Kraken's
+scheduler. IO happens in one task per peer connection (dial, handshake, read events) and one
+ticker task (send requests, detect stalled peers).
+
+Per peer: at most ``MAX_IN_FLIGHT`` requests; a peer whose oldest request is older than
+``piece_timeout`` is dropped and its pieces go elsewhere; a peer that sends a piece that does not
+match its published hash is banned (every agent checks every piece against the metainfo).
+Pieces whose hash is not known yet (the metainfo is published as the origin fetcher progresses)
+are learned from the peers that announce them (GET_META), not by polling the tracker.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from agent.assembly import BlobAssembly
+from agent.peer_link import PeerGone, PeerLink
+from p2preg.bitfield import Bitfield
+from p2preg.digest import Digest
+from p2preg.errors import LocalProtocolError, RemoteProtocolError
+from p2preg.metainfo import MetaInfo
+from p2preg.piece_picker import PiecePicker
+from p2preg.token_bucket import RateLimiter
+from p2preg.wire import (
+    BitfieldMsg,
+    Cancel,
+    ConnectionClosed,
+    Error,
+    GetMeta,
+    Have,
+    Interest,
+    Meta,
+    Piece,
+    Reject,
+    Request,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_IN_FLIGHT = 4
+MAX_PEERS = 8
+TICK = 0.05
+
+
+@dataclass(slots=True)
+class _Peer:
+    link: PeerLink
+    bits: Bitfield
+    in_flight: dict[int, float] = field(default_factory=dict)  # piece -> requested at
+    meta_asked: bool = False
+    counted: bool = False  # its bits are in the picker's availability
+
+
+@dataclass(frozen=True, slots=True)
+class PeerIdentity:
+    peer_id: bytes
+    secret: bytes
+    upload: RateLimiter
+    download: RateLimiter
+
+
+class Swarm:
+    def __init__(
+        self,
+        digest: Digest,
+        assembly: BlobAssembly,
+        identity: PeerIdentity,
+        banned: set[bytes],
+        *,
+        piece_timeout: float = 10.0,
+        on_bad_peer: Callable[[bytes], None] = lambda peer_id: None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.digest = digest
+        self.assembly = assembly
+        self._identity = identity
+        self._banned = banned
+        self._piece_timeout = piece_timeout
+        self._on_bad_peer = on_bad_peer
+        self.picker = PiecePicker(assembly.metainfo.num_pieces, rng=rng)
+        self._learn(assembly.metainfo)
+        for index in range(assembly.metainfo.num_pieces):
+            if index in assembly.pieces:
+                self.picker.mark_have(index)
+        self.peers: dict[bytes, _Peer] = {}
+        self._addresses: list[str] = []
+        self._dialing: set[str] = set()
+        self._failed: dict[str, float] = {}
+        self._wakeup = trio.Event()
+        self.bytes_from_peers = 0
+
+    # -- inputs from the download (never await) ------------------------------------------------
+
+    def add_addresses(self, addresses: list[str]) -> None:
+        for address in addresses:
+            if address not in self._addresses:
+                self._addresses.append(address)
+        self._wakeup.set()
+
+    def learn_metainfo(self, metainfo: MetaInfo) -> None:
+        self.assembly.learn_hashes(metainfo)
+        self._learn(self.assembly.metainfo)
+        self._wakeup.set()
+
+    def local_piece(self, index: int) -> None:
+        """The assembly gained a piece by other means (the origin)."""
+        self.picker.mark_have(index)
+
+    @property
+    def complete(self) -> bool:
+        return self.picker.complete
+
+    def _learn(self, metainfo: MetaInfo) -> None:
+        for index, value in enumerate(metainfo.piece_hashes):
+            if value is not None:
+                self.picker.mark_known(index)
+
+    # -- running -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Download until every piece is here; cancel the scope around it to stop early."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._ticker)
+            while not self.complete:
+                self._dial_more(nursery)
+                with trio.move_on_after(0.5):
+                    await self._wakeup.wait()
+                self._wakeup = trio.Event()
+            nursery.cancel_scope.cancel()
+
+    def _dial_more(self, nursery: trio.Nursery) -> None:
+        now = trio.current_time()
+        for address in self._addresses:
+            if len(self.peers) + len(self._dialing) >= MAX_PEERS:
+                return
+            if address in self._dialing or now - self._failed.get(address, -1e9) < 2.0:
+                continue
+            if any(peer.link.address == address for peer in self.peers.values()):
+                continue
+            self._dialing.add(address)
+            nursery.start_soon(self._peer_task, address)
+
+    async def _peer_task(self, address: str) -> None:
+        peer: _Peer | None = None
+        try:
+            host, _, port = address.rpartition(":")
+            link = await PeerLink.dial(
+                (host.strip("[]"), int(port)),
+                self._identity.peer_id,
+                self._identity.secret,
+                self._identity.upload,
+                self._identity.download,
+            )
+            self._dialing.discard(address)
+            link.address = address
+            if link.peer_id in self._banned or link.peer_id in self.peers:
+                await link.aclose()
+                return
+            peer = _Peer(link, Bitfield(self.picker.num_pieces))
+            self.peers[link.peer_id] = peer
+            await link.send(Interest(self.digest))
+            await self._read(peer)
+        except (PeerGone, RemoteProtocolError, LocalProtocolError, ValueError) as exc:
+            log.info("peer %s for %s: %s", address, self.digest, exc)
+            self._failed[address] = trio.current_time()
+        finally:
+            self._dialing.discard(address)
+            if peer is not None:
+                self._forget(peer)
+                await peer.link.aclose()
+            self._wakeup.set()
+
+    def _forget(self, peer: _Peer) -> None:
+        if self.peers.get(peer.link.peer_id) is peer:
+            del self.peers[peer.link.peer_id]
+        if peer.counted:
+            self.picker.remove_peer(i for i in range(peer.bits.size) if i in peer.bits)
+            peer.counted = False
+        for index in peer.in_flight:
+            self.picker.request_ended(index)
+        peer.in_flight.clear()
+
+    async def _read(self, peer: _Peer) -> None:
+        while not self.complete:
+            event = await peer.link.receive()
+            if isinstance(event, ConnectionClosed | Error):
+                return
+            if isinstance(event, BitfieldMsg) and event.digest == self.digest:
+                bits = event.to_bitfield()
+                if bits.size != self.picker.num_pieces:
+                    raise RemoteProtocolError("bitfield size does not match the metainfo")
+                if peer.counted:
+                    self.picker.remove_peer(i for i in range(peer.bits.size) if i in peer.bits)
+                peer.bits, peer.counted = bits, True
+                self.picker.add_peer(i for i in range(bits.size) if i in bits)
+            elif isinstance(event, Have) and event.digest == self.digest:
+                if not 0 <= event.index < peer.bits.size:
+                    raise RemoteProtocolError(f"have for piece {event.index} out of range")
+                if peer.bits.add(event.index) and peer.counted:
+                    self.picker.peer_has(event.index)
+            elif isinstance(event, Piece) and event.digest == self.digest:
+                await self._piece(peer, event)
+            elif isinstance(event, Reject) and event.digest == self.digest:
+                if event.index < 0:
+                    return  # the peer does not have this blob at all
+                if peer.in_flight.pop(event.index, None) is not None:
+                    self.picker.request_ended(event.index)
+            elif isinstance(event, Meta) and event.metainfo.digest == self.digest:
+                peer.meta_asked = False
+                self.learn_metainfo(event.metainfo)
+            await self._ask_meta_if_needed(peer)
+            await self._fill(peer)
+
+    async def _piece(self, peer: _Peer, event: Piece) -> None:
+        if peer.in_flight.pop(event.index, None) is None:
+            raise RemoteProtocolError(f"unrequested piece {event.index}")
+        self.picker.request_ended(event.index)
+        if event.index in self.assembly.pieces:
+            return  # endgame duplicate
+        if not await self.assembly.write_piece(event.index, event.data):
+            log.warning(
+                "peer %s sent a bad piece %d of %s: banned",
+                peer.link.address,
+                event.index,
+                self.digest,
+            )
+            self._banned.add(peer.link.peer_id)
+            self._on_bad_peer(peer.link.peer_id)
+            raise PeerGone("banned for a bad piece")
+        self.bytes_from_peers += len(event.data)
+        self.picker.mark_have(event.index)
+        for other in list(self.peers.values()):
+            if other is not peer and event.index in other.in_flight:
+                await other.link.send(Cancel(self.digest, event.index))
+        self._wakeup.set()
+
+    async def _ask_meta_if_needed(self, peer: _Peer) -> None:
+        if peer.meta_asked or self.assembly.metainfo.complete:
+            return
+        unknown = any(i in peer.bits and i not in self.picker.known for i in range(peer.bits.size))
+        if unknown:
+            peer.meta_asked = True
+            await peer.link.send(GetMeta(self.digest))
+
+    async def _fill(self, peer: _Peer) -> None:
+        room = MAX_IN_FLIGHT - len(peer.in_flight)
+        if room <= 0 or self.complete:
+            return
+        read_position = self.picker.first_missing()
+        chosen = self.picker.pick(peer.bits, room, read_position, exclude=peer.in_flight)
+        now = trio.current_time()
+        for index in chosen:
+            peer.in_flight[index] = now
+            self.picker.request_started(index)
+        for index in chosen:
+            await peer.link.send(Request(self.digest, index))
+
+    async def _ticker(self) -> None:
+        """Top up every peer's requests, and drop peers that stopped delivering."""
+        while True:
+            await trio.sleep(TICK)
+            now = trio.current_time()
+            for peer in list(self.peers.values()):
+                oldest = min(peer.in_flight.values(), default=now)
+                if now - oldest > self._piece_timeout:
+                    log.info("peer %s stalled on %s; dropping it", peer.link.address, self.digest)
+                    self._forget(peer)
+                    await peer.link.aclose()
+                    continue
+                try:
+                    await self._fill(peer)
+                except (PeerGone, LocalProtocolError):
+                    self._forget(peer)

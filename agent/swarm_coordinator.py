@@ -1,0 +1,302 @@
+"""Decides where a blob comes from: peers first, the origin as the last resort.
+
+For each blob download, with a tracker configured:
+
+1. Ask the tracker for the blob's metainfo and for the origin-fetch lease.
+2. Lease granted (the first node to ask): fetch from the origin, publishing the size at once and
+   piece hashes as they arrive (every ``PUBLISH_INTERVAL``), renewing the lease meanwhile. Pieces
+   are served to peers as soon as they are on disk and hashed.
+3. Lease held by another node: wait for the metainfo (the size comes within milliseconds), then
+   download pieces from peers (agent/swarm.py), announcing progress to get more peers. If nothing
+   arrives for ``swarm_stall_timeout`` and the lease can be had (its holder died or stalled, so it
+   expired), fetch the rest from the origin from the first missing byte.
+4. Tracker unreachable: the origin, as a plain pull-through cache would.
+
+A blob whose sha256 fails after it was assembled from published hashes is reported; the tracker
+drops that metainfo and the publisher's leases, so the next attempt starts clean.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+import trio
+
+from agent.blob_downloads import BlobDownloads, Download
+from agent.origin_client import OriginRequest
+from agent.peer_server import PeerServer, PieceSource
+from agent.swarm import PeerIdentity, Swarm
+from p2preg.config import AgentConfig
+from p2preg.digest import Digest
+from p2preg.errors import RegistryError, TrackerUnavailable
+from p2preg.metainfo import MetaInfo
+from tracker.client import AnnounceResult, TrackerClient
+
+log = logging.getLogger(__name__)
+
+PUBLISH_INTERVAL = 0.2
+ANNOUNCE_INTERVAL = 1.0
+METAINFO_POLL = 0.1
+
+
+class SwarmCoordinator:
+    def __init__(
+        self,
+        config: AgentConfig,
+        tracker: TrackerClient,
+        identity: PeerIdentity,
+        advertise_addr: str,
+        peer_server: PeerServer,
+    ) -> None:
+        self._config = config
+        self._tracker = tracker
+        self._identity = identity
+        self._addr = advertise_addr
+        self._peer_server = peer_server
+        self.banned: set[bytes] = set()
+        self._swarms: dict[Digest, Swarm] = {}
+        self._publishers: dict[Digest, bytes] = {}
+
+    # -- what peers may fetch from us while we download ---------------------------------------
+
+    def active_source(self, downloads: BlobDownloads, digest: Digest) -> PieceSource | None:
+        download = downloads.active(digest)
+        if download is None or download.assembly is None:
+            return None
+        assembly = download.assembly
+        partial = download.partial
+
+        def open_fd() -> int | None:
+            return None if partial.closed else os.dup(partial.fd)
+
+        return PieceSource(assembly.metainfo, assembly.pieces, open_fd)
+
+    # -- fetching ------------------------------------------------------------------------------
+
+    async def fetch(
+        self, download: Download, request: OriginRequest, downloads: BlobDownloads
+    ) -> None:
+        digest = download.digest
+        try:
+            metainfo = await self._tracker.get_metainfo(digest)
+            lease = await self._tracker.acquire_lease(digest)
+        except TrackerUnavailable as exc:
+            log.warning("tracker unavailable (%s); fetching %s from the origin", exc, digest)
+            await downloads.fetch_from_origin(download, request)
+            return
+        if lease.granted:
+            await self._fetch_as_origin_fetcher(download, request, downloads)
+            return
+        self._publishers[digest] = lease.holder
+        try:
+            await self._fetch_from_swarm(download, request, downloads, metainfo)
+        finally:
+            self._swarms.pop(digest, None)
+
+    async def _fetch_as_origin_fetcher(
+        self, download: Download, request: OriginRequest, downloads: BlobDownloads
+    ) -> None:
+        log.info("fetching %s from the origin for the swarm", download.digest)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._publish_while_fetching, download)
+            try:
+                await downloads.fetch_from_origin(download, request)
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _publish_while_fetching(self, download: Download) -> None:
+        """Publish the size, then new piece hashes, renew the lease, announce progress."""
+        await download.headers_known.wait()
+        published_once = False
+        last_renew = trio.current_time()
+        last_announce = -ANNOUNCE_INTERVAL
+        while True:
+            assembly = download.assembly
+            if assembly is not None:
+                fresh = assembly.take_unpublished()
+                now = trio.current_time()
+                try:
+                    if fresh or not published_once:
+                        await self._tracker.put_metainfo(assembly.metainfo)
+                        published_once = True
+                    if now - last_announce >= ANNOUNCE_INTERVAL:
+                        last_announce = now
+                        pieces = len(assembly.pieces)
+                        await self._announce(download.digest, assembly.metainfo, pieces)
+                    if now - last_renew >= 2.0:
+                        last_renew = now
+                        await self._tracker.acquire_lease(download.digest)
+                except TrackerUnavailable as exc:
+                    log.info("tracker unavailable while publishing %s: %s", download.digest, exc)
+            await trio.sleep(PUBLISH_INTERVAL)
+
+    async def _fetch_from_swarm(
+        self,
+        download: Download,
+        request: OriginRequest,
+        downloads: BlobDownloads,
+        metainfo: MetaInfo | None,
+    ) -> None:
+        digest = download.digest
+        metainfo = await self._wait_for_metainfo(digest, metainfo)
+        if metainfo is None:
+            # Nobody published a size in time (the lease holder died before its first byte):
+            # take the lease if it is free now, else fetch from the origin regardless.
+            log.warning("no metainfo for %s from the swarm; using the origin", digest)
+            await downloads.fetch_from_origin(download, request)
+            return
+        assembly = downloads.prepare(
+            download, MetaInfo.empty(digest, metainfo.size, metainfo.piece_length)
+        )
+        swarm = Swarm(
+            digest,
+            assembly,
+            self._identity,
+            self.banned,
+            piece_timeout=self._config.piece_timeout,
+        )
+        swarm.learn_metainfo(metainfo)
+        self._swarms[digest] = swarm
+        download.piece_listeners.append(swarm.local_piece)
+        origin_started = False
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(swarm.run)
+            last_progress_at, last_available = trio.current_time(), -1
+            next_announce = 0.0
+            while len(assembly.pieces) < metainfo.num_pieces:
+                now = trio.current_time()
+                if now >= next_announce:
+                    next_announce = now + ANNOUNCE_INTERVAL
+                    await self._refresh(download, swarm)
+                progress = len(assembly.pieces) * metainfo.piece_length + assembly.available
+                if progress != last_available:
+                    last_available, last_progress_at = progress, now
+                elif (
+                    not origin_started and now - last_progress_at > self._config.swarm_stall_timeout
+                ):
+                    origin_started = await self._take_over_origin(
+                        nursery, download, request, downloads
+                    )
+                    last_progress_at = now
+                with trio.move_on_after(0.1):
+                    await download.wait_beyond(assembly.available)
+            nursery.cancel_scope.cancel()
+        download.bytes_from_peers = swarm.bytes_from_peers
+
+    async def _take_over_origin(
+        self,
+        nursery: trio.Nursery,
+        download: Download,
+        request: OriginRequest,
+        downloads: BlobDownloads,
+    ) -> bool:
+        """The swarm stalled: fetch the rest from the origin if the lease can be had."""
+        try:
+            lease = await self._tracker.acquire_lease(download.digest)
+        except TrackerUnavailable:
+            lease = None
+        if lease is not None and not lease.granted:
+            log.info("swarm for %s stalled; lease held by %s", download.digest, lease.holder.hex())
+            return False
+        assert download.assembly is not None
+        start = download.assembly.available
+        log.warning(
+            "swarm for %s stalled; fetching from byte %d from the origin", download.digest, start
+        )
+
+        async def fetch() -> None:
+            try:
+                await downloads.fetch_from_origin(download, request, start)
+            except RegistryError as exc:
+                log.warning("origin fallback for %s failed: %s", download.digest, exc)
+
+        nursery.start_soon(fetch)
+        nursery.start_soon(self._publish_while_fetching, download)
+        return True
+
+    async def _refresh(self, download: Download, swarm: Swarm) -> None:
+        """Announce progress (getting peers back) and learn newly published piece hashes."""
+        assembly = download.assembly
+        assert assembly is not None
+        try:
+            result = await self._announce(download.digest, assembly.metainfo, len(assembly.pieces))
+            swarm.add_addresses(
+                [
+                    p.addr
+                    for p in result.peers
+                    if p.peer_id != self._identity.peer_id and p.peer_id not in self.banned
+                ]
+            )
+            if not assembly.metainfo.complete:
+                published = await self._tracker.get_metainfo(download.digest)
+                if published is not None:
+                    swarm.learn_metainfo(published)
+        except TrackerUnavailable as exc:
+            log.info("tracker unavailable while downloading %s: %s", download.digest, exc)
+
+    async def _wait_for_metainfo(
+        self, digest: Digest, metainfo: MetaInfo | None
+    ) -> MetaInfo | None:
+        with trio.move_on_after(self._config.request_timeout):
+            while metainfo is None:
+                await trio.sleep(METAINFO_POLL)
+                try:
+                    metainfo = await self._tracker.get_metainfo(digest)
+                    if metainfo is None:
+                        lease = await self._tracker.acquire_lease(digest)
+                        if lease.granted:
+                            return None  # the holder died before publishing: ours now
+                except TrackerUnavailable:
+                    return None
+        return metainfo
+
+    async def _announce(self, digest: Digest, metainfo: MetaInfo, pieces: int) -> AnnounceResult:
+        return await self._tracker.announce(
+            digest,
+            addr=self._addr,
+            zone=self._config.zone,
+            complete=pieces == metainfo.num_pieces,
+            pieces=pieces,
+        )
+
+    # -- after a download and at startup -------------------------------------------------------
+
+    async def completed(self, download: Download) -> None:
+        """Publish the full metainfo and announce as a seeder."""
+        assembly = download.assembly
+        if assembly is None:
+            return
+        try:
+            if download.digest not in self._publishers:
+                await self._tracker.put_metainfo(assembly.metainfo)
+            await self._announce(download.digest, assembly.metainfo, assembly.metainfo.num_pieces)
+        except TrackerUnavailable as exc:
+            log.info("could not announce %s: %s", download.digest, exc)
+
+    async def report_bad(self, digest: Digest) -> None:
+        publisher = self._publishers.get(digest)
+        if publisher is None:
+            return
+        try:
+            await self._tracker.report_bad(digest, publisher)
+        except TrackerUnavailable as exc:
+            log.info("could not report %s: %s", digest, exc)
+
+    async def seed_forever(
+        self,
+        store_digests: Callable[[], list[Digest]],
+        metainfo_of: Callable[[Digest], MetaInfo | None],
+    ) -> None:
+        """Re-announce every stored blob (after a restart too) so peers find the seeders."""
+        while True:
+            for digest in store_digests():
+                metainfo = metainfo_of(digest)
+                if metainfo is None:
+                    continue
+                try:
+                    await self._announce(digest, metainfo, metainfo.num_pieces)
+                except TrackerUnavailable:
+                    break
+            await trio.sleep(10.0)
