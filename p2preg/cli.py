@@ -61,6 +61,27 @@ def _agent_parser(subparsers: Any) -> None:
     add("--idle-timeout", metavar="DURATION", help="a download stalled this long is retried (30s)")
     add("--connect-timeout", metavar="DURATION", help="origin connect timeout (10s)")
     add("--log-level", metavar="LEVEL", help="debug, info, warning or error (default info)")
+    p2p = parser.add_argument_group("peer to peer (off unless --peer-addr is given)")
+    p2p.add_argument("--peer-addr", metavar="HOST:PORT", help="where this agent serves pieces")
+    p2p.add_argument(
+        "--peer-advertise-addr",
+        metavar="HOST:PORT",
+        help="address other agents dial (NAT, 0.0.0.0)",
+    )
+    p2p.add_argument(
+        "--tracker", action="append", metavar="URL", help="tracker URL (repeatable; rendezvous)"
+    )
+    p2p.add_argument(
+        "--cluster-secret-file", metavar="FILE", help="shared secret authenticating peers"
+    )
+    p2p.add_argument("--zone", metavar="NAME", help="this node's zone (same-zone peers first)")
+    p2p.add_argument("--upload-limit", metavar="RATE", help="e.g. 50MiB (bytes per second)")
+    p2p.add_argument("--download-limit", metavar="RATE", help="e.g. 50MiB (bytes per second)")
+    p2p.add_argument("--piece-length", metavar="SIZE", help="piece size for new blobs (4MiB)")
+    p2p.add_argument(
+        "--swarm-stall-timeout", metavar="DURATION", help="take over the origin after (3s)"
+    )
+    p2p.add_argument("--piece-timeout", metavar="DURATION", help="drop a peer stalled this long")
 
 
 def _tracker_parser(subparsers: Any) -> None:
