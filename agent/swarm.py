@@ -174,6 +174,9 @@ class Swarm:
             self._failed[address] = trio.current_time()
         finally:
             self._dialing.discard(address)
+            if not self.complete:
+                # Whatever ended this connection, do not redial the address straight away.
+                self._failed[address] = trio.current_time()
             if peer is not None:
                 self._forget(peer)
                 await peer.link.aclose()

@@ -18,6 +18,7 @@ drops that metainfo and the publisher's leases, so the next attempt starts clean
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -99,12 +100,22 @@ class SwarmCoordinator:
         self, download: Download, request: OriginRequest, downloads: BlobDownloads
     ) -> None:
         log.info("fetching %s from the origin for the swarm", download.digest)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._publish_while_fetching, download)
-            try:
-                await downloads.fetch_from_origin(download, request)
-            finally:
-                nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._publish_while_fetching, download)
+                try:
+                    await downloads.fetch_from_origin(download, request)
+                finally:
+                    nursery.cancel_scope.cancel()
+        except BaseException:
+            # Let the next node try at once instead of waiting for the lease to expire.
+            with (
+                trio.CancelScope(shield=True),
+                trio.move_on_after(2),
+                contextlib.suppress(TrackerUnavailable),
+            ):
+                await self._tracker.release_lease(download.digest)
+            raise
 
     async def _publish_while_fetching(self, download: Download) -> None:
         """Publish the size, then new piece hashes, renew the lease, announce progress."""
