@@ -20,11 +20,12 @@ from agent.registry_api import RegistryEndpoint
 from agent.swarm import PeerIdentity
 from agent.swarm_coordinator import SwarmCoordinator
 from p2preg.cluster_auth import parse_cluster_secret
-from p2preg.config import AgentConfig
+from p2preg.config import AgentConfig, TrackerConfig
 from p2preg.errors import ConfigError
 from p2preg.http_server import bound_port, serve_http
 from p2preg.token_bucket import RateLimiter
 from tracker.client import TrackerClient
+from tracker.server import run_tracker
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class RunningAgent:
     peer_port: int = 0
     peer_server: PeerServer | None = None
     coordinator: SwarmCoordinator | None = None
+    embedded_tracker_url: str = ""
 
     @property
     def registry_url(self) -> str:
@@ -69,7 +71,6 @@ async def run_agent(
         credentials.update(load_docker_config(config.docker_config))
     credentials.update(config.credentials)
     secret = read_cluster_secret(config.cluster_secret_file) if config.p2p_enabled else b""
-    assert config.cluster_secret_file or not config.p2p_enabled
     store = await trio.to_thread.run_sync(
         ContentStore.open, Path(config.data_dir), config.cache_size
     )
@@ -86,7 +87,7 @@ async def run_agent(
         async with trio.open_nursery() as nursery:
             peer_server: PeerServer | None = None
             coordinator: SwarmCoordinator | None = None
-            peer_id, peer_port = b"", 0
+            peer_id, peer_port, embedded_url = b"", 0, ""
             if config.p2p_enabled:
                 assert config.peer_host is not None
                 peer_id = load_peer_id(config.data_dir)
@@ -104,8 +105,21 @@ async def run_agent(
                     peer_port,
                     advertise,
                 )
-                if config.trackers:
-                    tracker = TrackerClient(config.trackers, peer_id, secret)
+                tracker_urls = list(config.trackers)
+                if config.embedded_tracker:
+                    embedded = await nursery.start(
+                        run_tracker,
+                        TrackerConfig(
+                            cluster_secret=secret,
+                            host=config.peer_host,
+                            port=config.embedded_tracker_port,
+                        ),
+                    )
+                    log.info("embedded tracker on %s", embedded.url)
+                    embedded_url = embedded.url
+                    tracker_urls.append(embedded.url)
+                if tracker_urls:
+                    tracker = TrackerClient(tracker_urls, peer_id, secret)
                     coordinator = SwarmCoordinator(
                         config,
                         tracker,
@@ -154,6 +168,7 @@ async def run_agent(
                     peer_port,
                     peer_server,
                     coordinator,
+                    embedded_url,
                 )
             )
     finally:

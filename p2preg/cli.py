@@ -82,6 +82,15 @@ def _agent_parser(subparsers: Any) -> None:
         "--swarm-stall-timeout", metavar="DURATION", help="take over the origin after (3s)"
     )
     p2p.add_argument("--piece-timeout", metavar="DURATION", help="drop a peer stalled this long")
+    p2p.add_argument(
+        "--embedded-tracker",
+        action="store_const",
+        const=True,
+        help="run a tracker in this process too (on the peer host) and use it",
+    )
+    p2p.add_argument(
+        "--embedded-tracker-port", metavar="PORT", help="port of the embedded tracker (0: any)"
+    )
 
 
 def _tracker_parser(subparsers: Any) -> None:

@@ -80,6 +80,9 @@ class AgentConfig:
     # A swarm download that gains nothing for this long takes (or waits for) the origin lease.
     swarm_stall_timeout: float = 3.0
     piece_timeout: float = 10.0
+    # Run a tracker inside the agent (one process per node is enough for small sites).
+    embedded_tracker: bool = False
+    embedded_tracker_port: int = 0
 
     @property
     def p2p_enabled(self) -> bool:
@@ -138,6 +141,13 @@ def _as_list(value: Any, what: str) -> list[str]:
     raise ConfigError(f"{what}: expected a list of strings, got {value!r}")
 
 
+def _as_port(value: Any, what: str) -> int:
+    text = str(value)
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise ConfigError(f"{what}: expected a port number, got {value!r}")
+    return int(text)
+
+
 def _as_str(value: Any, what: str) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{what}: expected a non-empty string, got {value!r}")
@@ -168,6 +178,8 @@ _OPTIONS: dict[str, Callable[[Any, str], Any]] = {
     "piece_length": lambda v, w: parse_size(v, w),
     "swarm_stall_timeout": lambda v, w: parse_duration(v, w),
     "piece_timeout": lambda v, w: parse_duration(v, w),
+    "embedded_tracker": _as_bool,
+    "embedded_tracker_port": lambda v, w: _as_port(v, w),
 }
 _FILE_ONLY_KEYS = {"credentials"}
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -258,8 +270,8 @@ def build_agent_config(
         "cluster_secret_file"
     ):
         raise ConfigError("peer-to-peer needs --cluster-secret-file (a secret all agents share)")
-    if kwargs.get("trackers") and not kwargs.get("peer_host"):
-        raise ConfigError("--tracker needs --peer-addr (where this agent serves pieces)")
+    if (kwargs.get("trackers") or kwargs.get("embedded_tracker")) and not kwargs.get("peer_host"):
+        raise ConfigError("--tracker and --embedded-tracker need --peer-addr")
     return AgentConfig(**kwargs)
 
 

@@ -93,3 +93,26 @@ async def test_agents_pull_at_once_and_origin_serves_about_one_copy(
     assert from_peers >= (len(agents) - 1) * blob_bytes * 0.9, from_peers
     # Manifests too: one GET by digest at the origin, HEADs for the tag.
     assert proxy.count(f"/manifests/{image.manifest.digest}", "GET") <= 1
+
+
+async def test_embedded_tracker_serves_the_swarm(
+    origin, image_factory, start_agent, nursery, tmp_path
+) -> None:
+    image = image_factory("team/embedded", layer_sizes=(6 * MiB, 1024, 2048))
+    proxy = await nursery.start(run_fault_proxy, origin.url)
+    secret_file = tmp_path / "secret"
+    secret_file.write_bytes(SECRET)
+    common = {
+        "peer_host": "127.0.0.1",
+        "cluster_secret_file": str(secret_file),
+        "piece_length": 1 * MiB,
+    }
+    first = await start_agent(proxy.url, embedded_tracker=True, **common)
+    assert first.embedded_tracker_url
+    second = await start_agent(proxy.url, trackers=(first.embedded_tracker_url,), **common)
+    with trio.fail_after(60):
+        got_first = await pull_image(first, "team/embedded", image)
+        got_second = await pull_image(second, "team/embedded", image)
+    assert got_first == got_second
+    layer = image.layers[0]
+    assert proxy.count(f"/blobs/{layer.digest}", "GET") == 1, "the second agent used its peer"
