@@ -23,6 +23,7 @@ from p2preg.config import (
     parse_config_file,
 )
 from p2preg.errors import ConfigError
+from p2preg.units import parse_size
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -118,7 +119,25 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
     _agent_parser(subparsers)
     _tracker_parser(subparsers)
+    _demo_parser(subparsers)
     return parser
+
+
+def _demo_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="run an origin, a tracker and several agents locally and pull an image through all",
+        description="A self-contained demonstration on 127.0.0.1; everything it starts is stopped "
+        "and removed at the end.",
+    )
+    parser.add_argument("--nodes", type=int, default=4, help="number of agents (default 4)")
+    parser.add_argument(
+        "--node-bandwidth", metavar="RATE", default="40MiB", help="per-node cap (40MiB)"
+    )
+    parser.add_argument(
+        "--origin-bandwidth", metavar="RATE", default="40MiB", help="origin upload cap (40MiB)"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the work directory and logs")
 
 
 def load_agent_config(args: argparse.Namespace, env: dict[str, str]) -> AgentConfig:
@@ -168,10 +187,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             tracker_config = load_tracker_config(args, dict(os.environ))
             _configure_logging(tracker_config.log_level)
             return _run_tracker(tracker_config)
+        if args.command == "demo":
+            return _run_demo(args)
     except ConfigError as exc:
         print(f"p2preg: {exc}", file=sys.stderr)
         return 2
     parser.error(f"unknown command {args.command}")
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from simulations.demo import DemoOptions
+    from simulations.demo import main as demo_main
+
+    if not 1 <= args.nodes <= 32:
+        raise ConfigError("--nodes must be between 1 and 32")
+    options = DemoOptions(
+        nodes=args.nodes,
+        node_rate=parse_size(args.node_bandwidth, "--node-bandwidth"),
+        origin_rate=parse_size(args.origin_bandwidth, "--origin-bandwidth"),
+        keep=args.keep,
+    )
+    if options.node_rate <= 0 or options.origin_rate <= 0:
+        raise ConfigError("bandwidths must be larger than zero")
+    return demo_main(options)
 
 
 def _run_agent(config: AgentConfig) -> int:
