@@ -42,6 +42,8 @@ from p2preg.wire import (
 
 log = logging.getLogger(__name__)
 IDLE_TIMEOUT = 300.0
+# A piece served to one peer is refused to others for this long while we still download.
+RESERVE_WINDOW = 1.0
 MAX_CONNECTIONS = 512
 
 
@@ -51,6 +53,7 @@ class PieceSource:
 
     metainfo: MetaInfo | None
     pieces: Bitfield
+    downloading: bool
     # Opens a descriptor to read piece bytes from; the caller closes it. None: gone meanwhile.
     open_fd: Callable[[], int | None]
 
@@ -81,6 +84,9 @@ class PeerServer:
         self._download = download
         self._active_sources: SourceLookup = lambda digest: None
         self._subscribers: dict[Digest, set[_Subscriber]] = {}
+        # (digest, piece) -> when and to whom we last sent it (bounded: pruned when large).
+        self._recent_serves: dict[tuple[Digest, int], tuple[float, PeerLink]] = {}
+        self._live_links: set[PeerLink] = set()
         self._connections = 0
         self.pieces_served = 0
         self.bytes_served = 0
@@ -111,7 +117,7 @@ class PeerServer:
             finally:
                 blob.release()
 
-        return PieceSource(metainfo, Bitfield.full(count), open_fd)
+        return PieceSource(metainfo, Bitfield.full(count), False, open_fd)
 
     def piece_available(self, digest: Digest, index: int) -> None:
         """A new piece of ``digest`` is servable: tell every interested peer."""
@@ -150,6 +156,9 @@ class PeerServer:
             self._connections -= 1
             return
         subscriber = _Subscriber(link)
+        self._live_links.add(link)
+        if len(self._recent_serves) > 100_000:
+            self._recent_serves.clear()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._send_haves, subscriber)
@@ -165,6 +174,7 @@ class PeerServer:
             # A bug in serving one peer must not take the listener down with it.
             log.exception("serving peer %s failed", link.address)
         finally:
+            self._live_links.discard(link)
             for subscribers in self._subscribers.values():
                 subscribers.discard(subscriber)
             await link.aclose()
@@ -206,6 +216,16 @@ class PeerServer:
         if source is None or request.index not in source.pieces or source.metainfo is None:
             await link.send(Reject(request.digest, request.index, "piece not held"))
             return
+        key = (request.digest, request.index)
+        if source.downloading and self._served_elsewhere(key, link):
+            # Super-seeding, lite: while we are still downloading (typically fetching from the
+            # origin for the swarm), a piece we just sent to one peer is not sent again to a
+            # second; that one fetches it from the first. Our upload then carries each piece
+            # about once and the downloaders trade the rest, instead of all of them queuing on
+            # us for the same newest pieces.
+            await link.send(Reject(request.digest, request.index, "fetch it from a peer"))
+            return
+        self._recent_serves[key] = (trio.current_time(), link)
         offset, length = source.metainfo.span(request.index)
         fd = source.open_fd()
         if fd is None:
@@ -217,6 +237,15 @@ class PeerServer:
             os.close(fd)
         self.pieces_served += 1
         self.bytes_served += length
+
+    def _served_elsewhere(self, key: tuple[Digest, int], link: PeerLink) -> bool:
+        served = self._recent_serves.get(key)
+        if served is None:
+            return False
+        when, other = served
+        if other is link or trio.current_time() - when > RESERVE_WINDOW:
+            return False
+        return other in self._live_links
 
     async def _get_meta(self, link: PeerLink, digest: Digest) -> None:
         source = self.source_for(digest)

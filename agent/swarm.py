@@ -47,6 +47,8 @@ from p2preg.wire import (
 log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 4
+# A piece a peer refused is not asked of that peer again for this long.
+REFUSAL_BACKOFF = 0.5
 MAX_PEERS = 8
 TICK = 0.05
 
@@ -57,6 +59,7 @@ class _Peer:
     bits: Bitfield
     in_flight: dict[int, float] = field(default_factory=dict)  # piece -> requested at
     meta_asked: bool = False
+    refused: dict[int, float] = field(default_factory=dict)  # piece -> when it said no
     counted: bool = False  # its bits are in the picker's availability
 
 
@@ -217,6 +220,8 @@ class Swarm:
                     return  # the peer does not have this blob at all
                 if peer.in_flight.pop(event.index, None) is not None:
                     self.picker.request_ended(event.index)
+                # Not from this peer for a while (it may want us to get it from another).
+                peer.refused[event.index] = trio.current_time()
             elif isinstance(event, Meta) and event.metainfo.digest == self.digest:
                 peer.meta_asked = False
                 self.learn_metainfo(event.metainfo)
@@ -259,8 +264,11 @@ class Swarm:
         if room <= 0 or self.complete:
             return
         read_position = self.picker.first_missing()
-        chosen = self.picker.pick(peer.bits, room, read_position, exclude=peer.in_flight)
         now = trio.current_time()
+        if peer.refused:
+            peer.refused = {i: at for i, at in peer.refused.items() if now - at < REFUSAL_BACKOFF}
+        exclude = set(peer.in_flight) | set(peer.refused)
+        chosen = self.picker.pick(peer.bits, room, read_position, exclude=exclude)
         for index in chosen:
             peer.in_flight[index] = now
             self.picker.request_started(index)

@@ -72,7 +72,7 @@ class SwarmCoordinator:
         def open_fd() -> int | None:
             return None if partial.closed else os.dup(partial.fd)
 
-        return PieceSource(assembly.metainfo, assembly.pieces, open_fd)
+        return PieceSource(assembly.metainfo, assembly.pieces, True, open_fd)
 
     # -- fetching ------------------------------------------------------------------------------
 
@@ -179,7 +179,10 @@ class SwarmCoordinator:
             while len(assembly.pieces) < metainfo.num_pieces:
                 now = trio.current_time()
                 if now >= next_announce:
-                    next_announce = now + ANNOUNCE_INTERVAL
+                    # Without peers yet (the fetcher may not have announced when we first
+                    # asked), ask again soon; after that, once a second is plenty.
+                    has_peers = bool(swarm.peers)
+                    next_announce = now + (ANNOUNCE_INTERVAL if has_peers else METAINFO_POLL * 2)
                     await self._refresh(download, swarm)
                 progress = len(assembly.pieces) * metainfo.piece_length + assembly.available
                 if progress != last_available:
