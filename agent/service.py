@@ -1,5 +1,7 @@
 """The agent process: wires the store, the origin client, downloads, the registry endpoint and,
-with a peer address, the peer server, the tracker client and the swarm coordinator."""
+with a peer address, the peer server, the tracker client and the swarm coordinator; with
+``--discovery mdns`` also mDNS discovery, which feeds the tracker client discovered trackers and
+the peer directory discovered peers (docs/discovery.md)."""
 
 from __future__ import annotations
 
@@ -11,9 +13,11 @@ import trio
 
 from agent.blob_downloads import BlobDownloads, Download
 from agent.content_store import ContentStore
+from agent.discovery import Discovery
 from agent.docker_config import load_docker_config
 from agent.manifest_service import ManifestService
 from agent.origin_client import OriginClient
+from agent.peer_directory import PeerDirectory
 from agent.peer_link import load_peer_id
 from agent.peer_server import PeerServer
 from agent.registry_api import RegistryEndpoint
@@ -118,15 +122,29 @@ async def run_agent(
                     log.info("embedded tracker on %s", embedded.url)
                     embedded_url = embedded.url
                     tracker_urls.append(embedded.url)
-                if tracker_urls:
-                    tracker = TrackerClient(tracker_urls, peer_id, secret)
+                mdns = config.discovery == "mdns"
+                if tracker_urls or mdns:
+                    identity = PeerIdentity(peer_id, secret, upload, download)
+                    tracker = TrackerClient(tracker_urls, peer_id, secret, discovery=mdns)
+                    directory = None
+                    if mdns:
+                        directory = PeerDirectory(identity, f"{config.peer_host}:{peer_port}")
                     coordinator = SwarmCoordinator(
-                        config,
-                        tracker,
-                        PeerIdentity(peer_id, secret, upload, download),
-                        advertise,
-                        peer_server,
+                        config, tracker, identity, advertise, peer_server, directory=directory
                     )
+                if mdns:
+                    assert tracker is not None and directory is not None
+                    discovery = Discovery(
+                        config.peer_host,
+                        config.cluster_name,
+                        instance=peer_id.hex(),
+                        on_trackers=tracker.set_discovered,
+                        on_peers=directory.set_peers,
+                    )
+                    await nursery.start(discovery.run)
+                    discovery.register_peer(peer_port)
+                    if embedded_url:
+                        discovery.register_tracker(embedded_url)
 
             async def committed(completed: Download) -> None:
                 if coordinator is not None:

@@ -290,4 +290,6 @@ class Swarm:
                 try:
                     await self._fill(peer)
                 except (PeerGone, LocalProtocolError):
+                    # The connection broke: drop it entirely (its reader ends with it).
                     self._forget(peer)
+                    await peer.link.aclose()

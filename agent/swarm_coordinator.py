@@ -12,6 +12,11 @@ For each blob download, with a tracker configured:
    expired), fetch the rest from the origin from the first missing byte.
 4. Tracker unreachable: the origin, as a plain pull-through cache would.
 
+With discovery on (``--discovery mdns``) and no tracker known or answering, the peers found on
+the LAN stand in for the tracker (agent/peer_directory.py): ask them who holds the blob, take the
+metainfo from a holder and download from the holders; if nobody holds it, or the swarm stalls,
+the origin (without a lease: nobody hands one out). Without discovery nothing here changes.
+
 A blob whose sha256 fails after it was assembled from published hashes is reported; the tracker
 drops that metainfo and the publisher's leases, so the next attempt starts clean.
 """
@@ -27,6 +32,7 @@ import trio
 
 from agent.blob_downloads import BlobDownloads, Download
 from agent.origin_client import OriginRequest
+from agent.peer_directory import PeerDirectory
 from agent.peer_server import PeerServer, PieceSource
 from agent.swarm import PeerIdentity, Swarm
 from p2preg.config import AgentConfig
@@ -50,9 +56,13 @@ class SwarmCoordinator:
         identity: PeerIdentity,
         advertise_addr: str,
         peer_server: PeerServer,
+        *,
+        directory: PeerDirectory | None = None,
     ) -> None:
         self._config = config
         self._tracker = tracker
+        # Peers found by discovery: asked instead of the tracker when there is none (or it is down).
+        self._directory = directory
         self._identity = identity
         self._addr = advertise_addr
         self._peer_server = peer_server
@@ -80,29 +90,68 @@ class SwarmCoordinator:
         self, download: Download, request: OriginRequest, downloads: BlobDownloads
     ) -> None:
         digest = download.digest
+        if self._directory is not None and not self._tracker.urls:
+            await self._fetch_without_tracker(download, request, downloads)
+            return
         try:
             metainfo = await self._tracker.get_metainfo(digest)
-            lease = await self._tracker.acquire_lease(digest)
+            # A blob the swarm already holds in full comes from its seeders. Asking for the lease
+            # first would hand every latecomer an expired lease and cost the origin a copy each;
+            # a swarm that stalls still takes the lease through the stall path.
+            seeded = metainfo is not None and metainfo.complete
+            lease = None if seeded else await self._tracker.acquire_lease(digest)
         except TrackerUnavailable as exc:
+            if self._directory is not None:
+                log.warning("tracker unavailable (%s); asking discovered peers for %s", exc, digest)
+                await self._fetch_without_tracker(download, request, downloads)
+                return
             log.warning("tracker unavailable (%s); fetching %s from the origin", exc, digest)
             await downloads.fetch_from_origin(download, request)
             return
-        if lease.granted:
-            await self._fetch_as_origin_fetcher(download, request, downloads)
+        if lease is not None and lease.granted:
+            await self._fetch_as_origin_fetcher(download, request, downloads, lease.expires_in)
             return
-        self._publishers[digest] = lease.holder
+        if lease is not None:
+            self._publishers[digest] = lease.holder
         try:
             await self._fetch_from_swarm(download, request, downloads, metainfo)
         finally:
             self._swarms.pop(digest, None)
 
-    async def _fetch_as_origin_fetcher(
+    async def _fetch_without_tracker(
         self, download: Download, request: OriginRequest, downloads: BlobDownloads
+    ) -> None:
+        """Ask the peers found by discovery who holds the blob; fetch from them, else the origin."""
+        assert self._directory is not None
+        digest = download.digest
+        holders = await self._directory.find_holders(digest, self.banned)
+        if not holders.addresses or holders.metainfo is None:
+            log.info(
+                "none of %d discovered peers holds %s; fetching from the origin",
+                holders.asked,
+                digest,
+            )
+            await downloads.fetch_from_origin(download, request)
+            return
+        log.info("fetching %s from %d discovered peer(s)", digest, len(holders.addresses))
+        try:
+            await self._fetch_from_swarm(
+                download, request, downloads, holders.metainfo, holders=holders.addresses
+            )
+        finally:
+            self._swarms.pop(digest, None)
+
+    async def _fetch_as_origin_fetcher(
+        self,
+        download: Download,
+        request: OriginRequest,
+        downloads: BlobDownloads,
+        lease_seconds: float = 10.0,
     ) -> None:
         log.info("fetching %s from the origin for the swarm", download.digest)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._publish_while_fetching, download)
+                nursery.start_soon(self._publish_while_fetching, download, lease_seconds)
                 try:
                     await downloads.fetch_from_origin(download, request)
                 finally:
@@ -117,7 +166,9 @@ class SwarmCoordinator:
                 await self._tracker.release_lease(download.digest)
             raise
 
-    async def _publish_while_fetching(self, download: Download) -> None:
+    async def _publish_while_fetching(
+        self, download: Download, lease_seconds: float = 10.0
+    ) -> None:
         """Publish the size, then new piece hashes, renew the lease, announce progress."""
         await download.headers_known.wait()
         published_once = False
@@ -136,7 +187,8 @@ class SwarmCoordinator:
                         last_announce = now
                         pieces = len(assembly.pieces)
                         await self._announce(download.digest, assembly.metainfo, pieces)
-                    if now - last_renew >= 2.0:
+                    # Renew at a third of the lease, so one lost renewal never lets it lapse.
+                    if now - last_renew >= max(0.2, lease_seconds / 3):
                         last_renew = now
                         await self._tracker.acquire_lease(download.digest)
                 except TrackerUnavailable as exc:
@@ -149,9 +201,14 @@ class SwarmCoordinator:
         request: OriginRequest,
         downloads: BlobDownloads,
         metainfo: MetaInfo | None,
+        *,
+        holders: list[str] | None = None,
     ) -> None:
+        """Download from peers. ``holders``: peers found without a tracker; then nothing is
+        announced and a stalled swarm falls back to the origin without asking for a lease."""
         digest = download.digest
-        metainfo = await self._wait_for_metainfo(digest, metainfo)
+        if holders is None:
+            metainfo = await self._wait_for_metainfo(digest, metainfo)
         if metainfo is None:
             # Nobody published a size in time (the lease holder died before its first byte):
             # take the lease if it is free now, else fetch from the origin regardless.
@@ -169,6 +226,8 @@ class SwarmCoordinator:
             piece_timeout=self._config.piece_timeout,
         )
         swarm.learn_metainfo(metainfo)
+        if holders:
+            swarm.add_addresses(holders)
         self._swarms[digest] = swarm
         download.piece_listeners.append(swarm.local_piece)
         origin_started = False
@@ -178,7 +237,7 @@ class SwarmCoordinator:
             next_announce = 0.0
             while len(assembly.pieces) < metainfo.num_pieces:
                 now = trio.current_time()
-                if now >= next_announce:
+                if now >= next_announce and holders is None:
                     # Without peers yet (the fetcher may not have announced when we first
                     # asked), ask again soon; after that, once a second is plenty.
                     has_peers = bool(swarm.peers)
@@ -190,9 +249,13 @@ class SwarmCoordinator:
                 elif (
                     not origin_started and now - last_progress_at > self._config.swarm_stall_timeout
                 ):
-                    origin_started = await self._take_over_origin(
-                        nursery, download, request, downloads
-                    )
+                    if holders is None:
+                        origin_started = await self._take_over_origin(
+                            nursery, download, request, downloads
+                        )
+                    else:
+                        self._fetch_rest_from_origin(nursery, download, request, downloads)
+                        origin_started = True
                     last_progress_at = now
                 with trio.move_on_after(0.1):
                     await download.wait_beyond(assembly.available)
@@ -214,6 +277,17 @@ class SwarmCoordinator:
         if lease is not None and not lease.granted:
             log.info("swarm for %s stalled; lease held by %s", download.digest, lease.holder.hex())
             return False
+        self._fetch_rest_from_origin(nursery, download, request, downloads)
+        nursery.start_soon(self._publish_while_fetching, download)
+        return True
+
+    def _fetch_rest_from_origin(
+        self,
+        nursery: trio.Nursery,
+        download: Download,
+        request: OriginRequest,
+        downloads: BlobDownloads,
+    ) -> None:
         assert download.assembly is not None
         start = download.assembly.available
         log.warning(
@@ -227,8 +301,6 @@ class SwarmCoordinator:
                 log.warning("origin fallback for %s failed: %s", download.digest, exc)
 
         nursery.start_soon(fetch)
-        nursery.start_soon(self._publish_while_fetching, download)
-        return True
 
     async def _refresh(self, download: Download, swarm: Swarm) -> None:
         """Announce progress (getting peers back) and learn newly published piece hashes."""
@@ -280,7 +352,7 @@ class SwarmCoordinator:
     async def completed(self, download: Download) -> None:
         """Publish the full metainfo and announce as a seeder."""
         assembly = download.assembly
-        if assembly is None:
+        if assembly is None or not self._tracker.urls:
             return
         try:
             if download.digest not in self._publishers:

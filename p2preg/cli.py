@@ -92,6 +92,18 @@ def _agent_parser(subparsers: Any) -> None:
     p2p.add_argument(
         "--embedded-tracker-port", metavar="PORT", help="port of the embedded tracker (0: any)"
     )
+    _discovery_arguments(p2p, "find trackers and peers on the LAN, advertise this agent")
+
+
+def _discovery_arguments(parser: Any, what: str) -> None:
+    parser.add_argument(
+        "--discovery",
+        metavar="MODE",
+        help=f"mdns: {what} (multicast on the --peer-addr/--addr interface); off (default)",
+    )
+    parser.add_argument(
+        "--cluster-name", metavar="NAME", help="what mDNS discovery matches (default p2preg)"
+    )
 
 
 def _tracker_parser(subparsers: Any) -> None:
@@ -112,6 +124,7 @@ def _tracker_parser(subparsers: Any) -> None:
     add("--lease-ttl", metavar="DURATION", help="origin-fetch lease lifetime (10s)")
     add("--max-peers", metavar="N", help="peers handed out per announce (50)")
     add("--log-level", metavar="LEVEL", help="debug, info, warning or error (default info)")
+    _discovery_arguments(parser, "advertise this tracker to agents on the LAN")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,6 +225,17 @@ def _run_demo(args: argparse.Namespace) -> int:
     return demo_main(options)
 
 
+def _config_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The first ConfigError in ``group``, however deeply nested nurseries wrapped it."""
+    matched, _ = group.split(ConfigError)
+    if matched is None:
+        return None
+    first: BaseException = matched
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first
+
+
 def _run_agent(config: AgentConfig) -> int:
     import trio
 
@@ -224,10 +248,10 @@ def _run_agent(config: AgentConfig) -> int:
     except BaseExceptionGroup as group:
         # A ConfigError raised inside the agent's nursery (e.g. the port is taken) is still a
         # one-line error for the operator, not a traceback.
-        matched, _ = group.split(ConfigError)
-        if matched is None:
+        error = _config_error(group)
+        if error is None:
             raise
-        raise matched.exceptions[0] from None
+        raise error from None
     return 0
 
 
@@ -237,14 +261,19 @@ def _run_tracker(config: TrackerConfig) -> int:
     from tracker.server import run_tracker
 
     try:
-        trio.run(run_tracker, config)
+        if config.discovery == "mdns":
+            from agent.discovery import run_advertised_tracker
+
+            trio.run(run_advertised_tracker, config)
+        else:
+            trio.run(run_tracker, config)
     except KeyboardInterrupt:
         return 130
     except BaseExceptionGroup as group:
-        matched, _ = group.split(ConfigError)
-        if matched is None:
+        error = _config_error(group)
+        if error is None:
             raise
-        raise matched.exceptions[0] from None
+        raise error from None
     return 0
 
 

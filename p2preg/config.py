@@ -7,6 +7,7 @@ parsed flags, the environment mapping and the file's text in, so it can be teste
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -83,6 +84,10 @@ class AgentConfig:
     # Run a tracker inside the agent (one process per node is enough for small sites).
     embedded_tracker: bool = False
     embedded_tracker_port: int = 0
+    # "mdns": advertise and find trackers and peers of ``cluster_name`` on the LAN (multicast,
+    # on the peer address's interface only; docs/discovery.md). "off": no multicast at all.
+    discovery: str = "off"
+    cluster_name: str = "p2preg"
 
     @property
     def p2p_enabled(self) -> bool:
@@ -154,6 +159,52 @@ def _as_str(value: Any, what: str) -> str:
     return value
 
 
+DISCOVERY_MODES = ("mdns", "off")
+_CLUSTER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+def _as_discovery(value: Any, what: str) -> str:
+    if not isinstance(value, str) or value.lower() not in DISCOVERY_MODES:
+        raise ConfigError(f"{what}: expected mdns or off, got {value!r}")
+    return value.lower()
+
+
+def _as_cluster_name(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not _CLUSTER_NAME_RE.fullmatch(value):
+        raise ConfigError(
+            f"{what}: expected 1-63 letters, digits, '.', '_' or '-' starting with a letter "
+            f"or digit, got {value!r}"
+        )
+    return value
+
+
+def check_discovery_address(host: str, flag: str) -> None:
+    """mDNS binds to the interface of ``host`` only: it must be that interface's IPv4 address.
+
+    Loopback is refused: multicast on ``lo`` reaches no other machine, and agents on one machine
+    can simply name their tracker with ``--tracker``.
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    if address is None or address.version != 4 or address.is_multicast:
+        raise ConfigError(
+            f"--discovery mdns needs {flag} to be the IPv4 address of a LAN interface "
+            f"(mDNS binds to that interface only), got {host!r}"
+        )
+    if address.is_unspecified:
+        raise ConfigError(
+            f"--discovery mdns needs {flag} with the address of one interface, not {host}: "
+            "mDNS binds to that interface only"
+        )
+    if address.is_loopback:
+        raise ConfigError(
+            f"--discovery mdns cannot use the loopback address {host} ({flag}): no other "
+            "machine can reach it; use the LAN interface's address (or --tracker on one machine)"
+        )
+
+
 # Option name (flag ``--registry-addr`` / env ``P2PREG_REGISTRY_ADDR`` / file key
 # ``registry_addr``) -> converter. Repeatable options are lists.
 _OPTIONS: dict[str, Callable[[Any, str], Any]] = {
@@ -180,6 +231,8 @@ _OPTIONS: dict[str, Callable[[Any, str], Any]] = {
     "piece_timeout": lambda v, w: parse_duration(v, w),
     "embedded_tracker": _as_bool,
     "embedded_tracker_port": lambda v, w: _as_port(v, w),
+    "discovery": _as_discovery,
+    "cluster_name": _as_cluster_name,
 }
 _FILE_ONLY_KEYS = {"credentials"}
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -272,6 +325,10 @@ def build_agent_config(
         raise ConfigError("peer-to-peer needs --cluster-secret-file (a secret all agents share)")
     if (kwargs.get("trackers") or kwargs.get("embedded_tracker")) and not kwargs.get("peer_host"):
         raise ConfigError("--tracker and --embedded-tracker need --peer-addr")
+    if kwargs.get("discovery") == "mdns":
+        if not kwargs.get("peer_host"):
+            raise ConfigError("--discovery mdns needs --peer-addr (the LAN address to serve on)")
+        check_discovery_address(kwargs["peer_host"], "--peer-addr")
     return AgentConfig(**kwargs)
 
 
@@ -302,6 +359,9 @@ class TrackerConfig:
     session_ttl: float = 600.0
     max_body: int = 4 * 1024 * 1024
     log_level: str = "info"
+    # "mdns": advertise this tracker on the LAN for agents of ``cluster_name`` (docs/discovery.md).
+    discovery: str = "off"
+    cluster_name: str = "p2preg"
 
     @property
     def announce_interval(self) -> float:
@@ -335,6 +395,8 @@ _TRACKER_OPTIONS: dict[str, Callable[[Any, str], Any]] = {
     "lease_ttl": _positive_duration,
     "max_peers": _as_int(1, 1000),
     "log_level": _as_str,
+    "discovery": _as_discovery,
+    "cluster_name": _as_cluster_name,
 }
 
 
@@ -359,6 +421,8 @@ def build_tracker_config(
             flag = "--" + required.replace("_", "-")
             raise ConfigError(f"{flag} is required (or {ENV_PREFIX}{required.upper()})")
     host, port = parse_host_port(chosen.pop("addr"), "addr")
+    if chosen.get("discovery") == "mdns":
+        check_discovery_address(host, "--addr")
     path = chosen.pop("cluster_secret_file")
     secret = parse_cluster_secret(read_file(path), f"cluster secret file {path}")
     if "log_level" in chosen and chosen["log_level"].lower() not in LOG_LEVELS:

@@ -6,6 +6,10 @@ clients agree without talking to each other, and when a tracker leaves only its 
 On a connection error, a timeout or a 5xx the client asks the next tracker in that ranking
 (and ranks the failed one last for ``down_for`` seconds). Every attempt has a deadline.
 
+Trackers found by discovery (agent/discovery.py, ``set_discovered``) come after the explicit
+ones: a digest goes to a discovered tracker only when every explicit tracker failed, so an
+explicit ``--tracker`` is never replaced.
+
 Each tracker gets its own session (cluster_auth's challenge-response); the client checks the
 tracker's proof ``mac_t`` before it trusts a token, and authenticates again on a 401.
 
@@ -19,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, NoReturn, TypeVar
@@ -144,12 +148,18 @@ class TrackerClient:
         down_for: float = DOWN_FOR,
         transport: httpx.AsyncBaseTransport | None = None,
         random_bytes: Callable[[int], bytes] = secrets.token_bytes,
+        discovery: bool = False,
     ) -> None:
-        if not urls:
+        """``discovery``: more trackers may come from ``set_discovered``, so ``urls`` may be
+        empty (until one is found, every call raises TrackerUnavailable)."""
+        if not urls and not discovery:
             raise ConfigError("tracker: at least one tracker URL is needed")
         if len(peer_id) != PEER_ID_BYTES:
             raise ValueError(f"peer_id must be {PEER_ID_BYTES} bytes")
-        self.urls = list(dict.fromkeys(_normalize_url(url) for url in urls))
+        self._explicit = list(dict.fromkeys(_normalize_url(url) for url in urls))
+        self._discovered: list[str] = []
+        # Every tracker in use: the explicit ones first, then the discovered ones.
+        self.urls = list(self._explicit)
         self.peer_id = bytes(peer_id)
         self._secret = cluster_secret
         self.timeout = timeout
@@ -183,9 +193,29 @@ class TrackerClient:
         with trio.CancelScope(shield=True):
             await self._http.aclose()
 
+    def set_discovered(self, urls: Iterable[str]) -> None:
+        """Use these trackers found by discovery, instead of those found before. Explicit
+        trackers stay first and are never removed. A discovered tracker is trusted only once
+        its session handshake proved it knows the cluster secret, like any other."""
+        discovered = []
+        for url in urls:
+            try:
+                normalized = _normalize_url(url)
+            except ConfigError as exc:
+                log.warning("ignoring a discovered tracker: %s", exc)
+                continue
+            if normalized not in self._explicit and normalized not in discovered:
+                discovered.append(normalized)
+        for gone in set(self._discovered) - set(discovered):
+            self._tokens.pop(gone, None)
+            self._down_until.pop(gone, None)
+        self._discovered = discovered
+        self.urls = [*self._explicit, *discovered]
+
     def trackers_for(self, digest: Digest | str) -> list[str]:
         """The trackers in the order this client asks them about ``digest``."""
-        order = rendezvous_order(self.urls, str(digest))
+        key = str(digest)
+        order = rendezvous_order(self._explicit, key) + rendezvous_order(self._discovered, key)
         now = trio.current_time()
         up = [url for url in order if self._down_until.get(url, 0.0) <= now]
         return up + [url for url in order if url not in up]
@@ -304,6 +334,8 @@ class TrackerClient:
         body: object,
         parse: Callable[[str, int, Any], T],
     ) -> T:
+        if not self.urls:
+            raise TrackerUnavailable("no tracker known (none configured, none discovered yet)")
         failures: list[str] = []
         auth_failures = 0
         for url in self.trackers_for(key):
@@ -381,7 +413,7 @@ class TrackerClient:
         cached = self._tokens.get(url)
         if cached is not None and cached[0] != stale and cached[1] > trio.current_time():
             return cached[0]
-        async with self._auth_locks[url]:
+        async with self._auth_locks.setdefault(url, trio.Lock()):
             # Someone else may have authenticated while we waited for the lock.
             cached = self._tokens.get(url)
             if cached is not None and cached[0] != stale and cached[1] > trio.current_time():

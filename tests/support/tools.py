@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import pytest
 
-__all__ = ["free_port", "require_tool"]
+__all__ = ["free_port", "require_netns", "require_tool"]
 
 
 def require_tool(name: str) -> str:
@@ -28,6 +28,18 @@ def require_tool(name: str) -> str:
             pytest.fail(f"{name} is not installed (CI=true requires it)")
         pytest.skip(f"{name} is not installed")
     return path
+
+
+def require_netns() -> None:
+    """Skip (fail under CI=true) the test unless network namespaces can be made here: root, the
+    ``ip`` tool and a kernel that lets us (probed by creating and deleting one)."""
+    from simulations.netns import netns_unavailable_reason
+
+    reason = netns_unavailable_reason(f"p2pt-{os.getpid()}-probe")
+    if reason is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"network namespaces unavailable (CI=true requires them): {reason}")
+        pytest.skip(f"network namespaces unavailable: {reason}")
 
 
 def free_port() -> int:

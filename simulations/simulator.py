@@ -1,0 +1,1281 @@
+"""Fleet rollout simulator: one blob to N nodes, flow by flow, driven by the real policies.
+
+    p2preg simulate --nodes 10000 --blob-size 1GiB --node-bandwidth 100MiB \
+        --origin-bandwidth 100MiB --seed 1 [--zones 4 --inter-zone-bandwidth 1GiB] [--json FILE]
+
+A discrete-event, flow-level model (docs/simulator.md has the whole story):
+
+* Every node's piece choices come from :class:`p2preg.piece_picker.PiecePicker` and every announce
+  is answered by :func:`p2preg.handout.choose_peers` with a :class:`p2preg.handout.HandoutLoad`,
+  imported, so a better policy shows up here and in the agent alike. Both are injectable
+  (``Simulator(config, picker_factory=..., handout=...)``) to compare policies.
+* The origin holds every piece and has only upload capacity. The first node takes the origin-fetch
+  lease and streams the blob from the origin in order; the others announce to the tracker, dial up
+  to 8 of the peers it hands out and request pieces, at most 4 in flight per peer. A node whose
+  swarm made no progress for the stall timeout takes the lease once it expires (holder dead or
+  done) and streams the rest from the origin.
+* A connection sends its requested pieces one after another, as the agent's peer server does, so
+  a connection with requests is one fluid flow. Its rate is the smallest of its sender's upload,
+  its receiver's download and (across zones) the zone pair's link, each split equally among the
+  active flows using it (a proportional share: local, so a change re-rates only the flows of the
+  nodes it touches).
+* Events are processed in time order; everything that happens within ``batch_window`` of the first
+  event of a batch is done before the touched flows are re-rated and refilled once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, TextIO
+
+from p2preg.errors import ConfigError
+from p2preg.handout import HandoutLoad, PeerRecord, Requester, choose_peers
+from p2preg.metainfo import DEFAULT_PIECE_LENGTH, MAX_BLOB_SIZE, piece_count
+from p2preg.piece_picker import PiecePicker
+from p2preg.units import format_size, parse_duration, parse_size
+from simulations.sim_bounds import kumar_ross_bound, zone_bound
+from simulations.sim_fast import FastShuffleRandom, PieceSet, install_piece_sets
+
+# The agent's and tracker's constants and defaults (tests/unit/test_simulator.py checks that
+# they still agree with agent/swarm.py, agent/peer_server.py, agent/swarm_coordinator.py and
+# p2preg/config.py).
+MAX_PEERS = 8  # download connections per blob (agent/swarm.py)
+MAX_IN_FLIGHT = 4  # requests in flight per peer (agent/swarm.py)
+MAX_CONNECTIONS = 512  # connections a peer server accepts (agent/peer_server.py)
+REDIAL_BACKOFF = 2.0  # seconds before an address is dialled again (agent/swarm.py)
+ANNOUNCE_INTERVAL = 1.0  # agent/swarm_coordinator.py
+LEASE_RENEW_INTERVAL = 2.0  # agent/swarm_coordinator.py
+HANDOUT_LIMIT = 50  # TrackerConfig.max_peers
+PEER_TTL = 30.0  # TrackerConfig.peer_ttl
+LEASE_TTL = 10.0  # TrackerConfig.lease_ttl
+LOAD_HALF_LIFE = 10.0  # TrackerConfig.load_half_life
+STALL_TIMEOUT = 3.0  # AgentConfig.swarm_stall_timeout
+PIECE_TIMEOUT = 10.0  # AgentConfig.piece_timeout
+STALL_POLL = 0.1  # the agent checks for a stalled swarm this often
+
+PickerFactory = Callable[[int, random.Random], PiecePicker]
+HandoutPolicy = Callable[
+    [Sequence[PeerRecord], Requester, int, random.Random, Mapping[bytes, float]], list[PeerRecord]
+]
+
+
+def default_picker(num_pieces: int, rng: random.Random) -> PiecePicker:
+    return PiecePicker(num_pieces, rng=rng)
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    nodes: int
+    blob_size: int
+    node_upload: float  # bytes per second
+    node_download: float
+    origin_upload: float
+    piece_length: int = DEFAULT_PIECE_LENGTH
+    zones: int = 1
+    inter_zone: float | None = None  # per ordered zone pair (a -> b); None: unlimited
+    fail_fraction: float = 0.0
+    fail_window: float | None = None  # failures uniform in [0, this]; None: the bound
+    start_spread: float = 0.0  # node start times uniform in [0, this]
+    seed: int = 0
+    # Model knobs (docs/simulator.md): pieces asked of the picker per call, events merged into
+    # one batch, candidates per handout tier (None: all, as the tracker does).
+    pick_count: int = 16
+    batch_window: float = 1e-3
+    handout_sample: int | None = None
+    max_time: float | None = None  # stop here (None: 100 x the bound + 600 s)
+
+    def validate(self) -> None:
+        if self.nodes < 1:
+            raise ConfigError("--nodes must be at least 1")
+        if not 0 < self.blob_size <= MAX_BLOB_SIZE:
+            raise ConfigError("--blob-size must be more than 0 and at most 1TiB")
+        if self.piece_length < 1 or self.piece_length & (self.piece_length - 1):
+            raise ConfigError("--piece-length must be a power of two")
+        for name, value in (
+            ("--node-upload", self.node_upload),
+            ("--node-download", self.node_download),
+            ("--origin-bandwidth", self.origin_upload),
+        ):
+            if not value > 0:
+                raise ConfigError(f"{name} must be larger than zero")
+        if not 1 <= self.zones <= self.nodes:
+            raise ConfigError("--zones must be between 1 and --nodes")
+        if self.inter_zone is not None and not self.inter_zone > 0:
+            raise ConfigError("--inter-zone-bandwidth must be larger than zero")
+        if not 0.0 <= self.fail_fraction < 1.0:
+            raise ConfigError("--fail-fraction must be at least 0 and less than 1")
+        if self.fail_window is not None and not self.fail_window > 0:
+            raise ConfigError("--fail-window must be larger than zero")
+        if self.start_spread < 0:
+            raise ConfigError("--start-spread must not be negative")
+        if self.pick_count < 1:
+            raise ConfigError("--pick-count must be at least 1")
+        if self.batch_window < 0:
+            raise ConfigError("--batch-window must not be negative")
+        if self.handout_sample is not None and self.handout_sample < HANDOUT_LIMIT:
+            raise ConfigError(f"--handout-sample must be at least {HANDOUT_LIMIT}")
+
+
+# -- state ---------------------------------------------------------------------------------------
+
+
+class _Node:
+    __slots__ = (
+        "addr_index",
+        "addresses",
+        "alive",
+        "died_at",
+        "done_at",
+        "down",
+        "downloads",
+        "endgame",
+        "failed_at",
+        "index",
+        "last_progress",
+        "n_down",
+        "n_up",
+        "next_handout",
+        "origin_conn",
+        "peer_id",
+        "have",
+        "rated_down",
+        "rated_up",
+        "picker",
+        "read_pos",
+        "record",
+        "stamp",
+        "started",
+        "swarming",
+        "up",
+        "uploads",
+        "wake_at",
+        "zone",
+    )
+
+    def __init__(self, index: int, zone: int, up: float, down: float) -> None:
+        self.index = index
+        self.peer_id = index.to_bytes(16, "big", signed=True)
+        self.zone = zone
+        self.up = up
+        self.down = down
+        self.alive = True
+        self.started = False
+        self.swarming = False  # downloads from peers (every node but a plain lease holder)
+        self.died_at: float | None = None
+        self.done_at: float | None = None
+        self.picker: PiecePicker | None = None
+        self.have = PieceSet(0)
+        self.read_pos = 0  # = picker.first_missing(), kept incrementally
+        self.endgame = False
+        self.uploads: dict[_Conn, None] = {}  # connections this node serves
+        self.downloads: dict[int, _Conn] = {}  # peer index -> connection we download on
+        self.origin_conn: _Conn | None = None
+        self.n_up = 0  # active flows out
+        self.n_down = 0  # active flows in
+        self.rated_up = 0  # n_up when this node's flows were last re-rated
+        self.rated_down = 0
+        self.addresses: list[int] = []  # handed-out peers, first seen first (as the agent)
+        self.addr_index: set[int] = set()
+        self.failed_at: dict[int, float] = {}
+        self.next_handout = 0.0
+        self.wake_at = math.inf
+        self.last_progress = 0.0
+        self.record: PeerRecord | None = None
+        self.stamp = 0
+
+
+class _Link:
+    """Traffic from one zone to another: capacity shared by the active flows on it."""
+
+    __slots__ = ("cap", "conns", "n", "rated_n", "stamp")
+
+    def __init__(self, cap: float) -> None:
+        self.cap = cap
+        self.n = 0
+        self.rated_n = 0
+        self.conns: dict[_Conn, None] = {}
+        self.stamp = 0
+
+
+class _Conn:
+    __slots__ = (
+        "active",
+        "avail",
+        "dry",
+        "dst",
+        "last",
+        "link",
+        "open",
+        "queue",
+        "rate",
+        "remaining",
+        "req_at",
+        "src",
+        "stamp",
+        "stash",
+        "ver",
+        "wants_flight",
+        "wants_have",
+    )
+
+    def __init__(self, src: _Node, dst: _Node, link: _Link | None) -> None:
+        self.src = src
+        self.dst = dst
+        self.link = link
+        self.queue: list[int] = []  # requested pieces; the head is being sent
+        self.req_at: list[float] = []  # when each was requested
+        self.stash: list[int] = []  # picked but not yet requested, last = next
+        self.remaining = 0.0  # bytes of the head piece still to send
+        self.rate = 0.0
+        self.last = 0.0  # when ``remaining`` was last brought up to date
+        self.ver = 0  # bumps on every reschedule: older heap entries are stale
+        self.active = False
+        self.open = True
+        self.dry = False  # the last pick found nothing more to ask this peer
+        self.stamp = 0
+        # The downloader's picker state, read on every HAVE (the picker mutates these in place).
+        picker = dst.picker
+        self.avail: list[int] = picker.availability if picker is not None else []
+        self.wants_have: PieceSet = dst.have
+        self.wants_flight: dict[int, int] = picker.in_flight if picker is not None else {}
+
+
+# event kinds
+_PIECE, _TIMEOUT, _FAIL, _START, _LEASE, _SWEEP, _WAKE = range(7)
+
+
+@dataclass(slots=True)
+class SimResult:
+    config: SimConfig
+    bound_s: float
+    zone_bound_s: float | None
+    completion_s: list[float | None]  # per node, from the rollout start; None: failed
+    alive: list[bool]  # per node: survived the rollout
+    failed: int
+    incomplete: int  # survivors that had not finished at the end (max_time or a deadlock)
+    origin_bytes: int
+    peer_bytes: int
+    end_s: float
+    stats: dict[str, int]
+    picker: str
+    handout: str
+
+    def percentile(self, q: float) -> float:
+        """Over the surviving nodes; one that never finished counts as infinitely late."""
+        times = sorted(
+            math.inf if t is None else t
+            for t, alive in zip(self.completion_s, self.alive, strict=True)
+            if alive
+        )
+        if not times:
+            return math.nan
+        rank = max(0, math.ceil(q / 100 * len(times)) - 1)
+        return times[rank]
+
+    def summary(self) -> dict[str, Any]:
+        cfg = self.config
+        p50, p90, p99, top = (self.percentile(q) for q in (50, 90, 99, 100))
+        out: dict[str, Any] = {
+            "nodes": cfg.nodes,
+            "surviving": cfg.nodes - self.failed,
+            "failed": self.failed,
+            "incomplete": self.incomplete,
+            "blob_bytes": cfg.blob_size,
+            "piece_length": cfg.piece_length,
+            "pieces": piece_count(cfg.blob_size, cfg.piece_length),
+            "bound_s": self.bound_s,
+            "p50_s": _finite(p50),
+            "p90_s": _finite(p90),
+            "p99_s": _finite(p99),
+            "max_s": _finite(top),
+            "ratio_p50": _finite(p50 / self.bound_s),
+            "ratio_p90": _finite(p90 / self.bound_s),
+            "ratio_p99": _finite(p99 / self.bound_s),
+            "ratio_max": _finite(top / self.bound_s),
+            "origin_bytes": self.origin_bytes,
+            "origin_copies": self.origin_bytes / cfg.blob_size,
+            "peer_bytes": self.peer_bytes,
+            "links": {
+                "node_upload": cfg.node_upload,
+                "node_download": cfg.node_download,
+                "origin_upload": cfg.origin_upload,
+                "inter_zone": cfg.inter_zone,
+                "inter_zone_model": "per ordered zone pair (a->b), full duplex",
+            },
+            "zones": cfg.zones,
+        }
+        if self.zone_bound_s is not None:
+            out["zone_bound_s"] = self.zone_bound_s
+            for name, value in (("p50", p50), ("p90", p90), ("p99", p99), ("max", top)):
+                out[f"zone_ratio_{name}"] = _finite(value / self.zone_bound_s)
+        out.update(
+            {
+                "end_s": self.end_s,
+                "seed": cfg.seed,
+                "policies": {"picker": self.picker, "handout": self.handout},
+                "model": {
+                    "pick_count": cfg.pick_count,
+                    "batch_window_s": cfg.batch_window,
+                    "handout_sample": cfg.handout_sample,
+                    "fail_fraction": cfg.fail_fraction,
+                    "start_spread_s": cfg.start_spread,
+                },
+                "stats": self.stats,
+                "completion_s": self.completion_s,
+            }
+        )
+        return out
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+# -- the simulator -------------------------------------------------------------------------------
+
+
+class Simulator:
+    def __init__(
+        self,
+        config: SimConfig,
+        *,
+        picker_factory: PickerFactory = default_picker,
+        handout: HandoutPolicy = choose_peers,
+        progress: TextIO | None = None,
+    ) -> None:
+        config.validate()
+        self.cfg = config
+        self.picker_factory = picker_factory
+        self.handout = handout
+        self.progress = progress
+        self.rng = random.Random(config.seed)
+        # Skip picks whose answer is known (see _deliver) only for the stock pick, whose
+        # contract tests/unit/test_simulator.py checks; a policy under test is always asked.
+        self.dry_shortcut = _stock_pick(picker_factory)
+        self.policy_rng = FastShuffleRandom(self.rng.getrandbits(64))
+        self.num_pieces = piece_count(config.blob_size, config.piece_length)
+        self.piece_bytes = [
+            float(min(config.piece_length, config.blob_size - i * config.piece_length))
+            for i in range(self.num_pieces)
+        ]
+        self.known = PieceSet(self.num_pieces)  # published piece hashes (shared by all)
+        self.nodes = [
+            _Node(i, i % config.zones, config.node_upload, config.node_download)
+            for i in range(config.nodes)
+        ]
+        self.origin = _Node(-1, -1, config.origin_upload, 0.0)
+        for i in range(self.num_pieces):
+            self.origin.have.add(i)
+        self.origin.have.size = self.num_pieces
+        self.links: dict[tuple[int, int], _Link] = {}
+        if config.inter_zone is not None and config.zones > 1:
+            for a in range(config.zones):
+                for b in range(config.zones):
+                    if a != b:
+                        self.links[(a, b)] = _Link(config.inter_zone)
+        uploads = [n.up for n in self.nodes]
+        downloads = [n.down for n in self.nodes]
+        self.bound = kumar_ross_bound(config.blob_size, config.origin_upload, uploads, downloads)
+        self.zone_bound: float | None = None
+        if config.zones > 1:
+            self.zone_bound = zone_bound(
+                config.blob_size,
+                config.origin_upload,
+                uploads,
+                downloads,
+                [n.zone for n in self.nodes],
+                config.inter_zone,
+            )
+        # tracker state: per zone, seeders and leechers in announce order
+        self.seeders: list[dict[int, PeerRecord]] = [{} for _ in range(config.zones)]
+        self.leechers: list[dict[int, PeerRecord]] = [{} for _ in range(config.zones)]
+        self.load = HandoutLoad(LOAD_HALF_LIFE)
+        self.addr = [f"node-{i}" for i in range(config.nodes)]
+        self.zone_names = [f"zone-{z}" for z in range(config.zones)]
+        # lease
+        self.lease_holder: _Node | None = None
+        self.lease_since = 0.0
+        self.lease_expires = math.inf
+        self.lease_check_pending = False
+        # event queue and batch state
+        self.heap: list[tuple[float, int, int, Any, int]] = []
+        self.seq = 0
+        self.now = 0.0
+        self.refill: dict[_Conn, None] = {}
+        self.dirty: dict[_Node, None] = {}
+        self.fresh: list[_Conn] = []  # flows activated in this batch (rate still 0)
+        self.dirty_links: dict[_Link, None] = {}
+        self.dial: dict[_Node, None] = {}
+        self.stamp = 0
+        self.remaining_nodes = config.nodes  # alive and not complete
+        self.origin_bytes = 0
+        self.peer_bytes = 0
+        self.stats = {
+            "events": 0,
+            "batches": 0,
+            "pieces": 0,
+            "picks": 0,
+            "handouts": 0,
+            "dials": 0,
+            "dial_failures": 0,
+            "timeouts": 0,
+            "rate_updates": 0,
+            "lease_takeovers": 0,
+            "duplicates": 0,
+        }
+
+    # -- scheduling ------------------------------------------------------------------------------
+
+    def _push(self, at: float, kind: int, obj: Any, ver: int = 0) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (at, self.seq, kind, obj, ver))
+
+    def _schedule(self, c: _Conn, now: float) -> None:
+        """(Re)schedule the head piece's completion at the current rate."""
+        c.ver += 1
+        finish = now + c.remaining / c.rate
+        self.seq += 1
+        heapq.heappush(self.heap, (finish, self.seq, _PIECE, c, c.ver))
+        if c.src is not self.origin:
+            deadline = c.req_at[0] + PIECE_TIMEOUT
+            if finish > deadline:
+                self.seq += 1
+                heapq.heappush(self.heap, (deadline, self.seq, _TIMEOUT, c, c.ver))
+
+    def _wake(self, node: _Node, at: float) -> None:
+        if at < node.wake_at:
+            node.wake_at = at
+            self._push(at, _WAKE, node)
+
+    # -- running ---------------------------------------------------------------------------------
+
+    def run(self) -> SimResult:
+        cfg = self.cfg
+        rng = self.rng
+        starts = [0.0] * cfg.nodes
+        if cfg.start_spread > 0:
+            starts = [0.0] + [rng.uniform(0, cfg.start_spread) for _ in range(cfg.nodes - 1)]
+        for node, at in zip(self.nodes, starts, strict=True):
+            self._push(at, _START, node)
+        failing = round(cfg.fail_fraction * cfg.nodes)
+        window = cfg.fail_window if cfg.fail_window is not None else self.bound
+        for index in rng.sample(range(cfg.nodes), failing):
+            self._push(rng.uniform(0, window), _FAIL, self.nodes[index])
+        self._push(ANNOUNCE_INTERVAL, _SWEEP, None)
+        max_time = cfg.max_time if cfg.max_time is not None else 100 * self.bound + 600
+        self._loop(max_time)
+        completion = [n.done_at if n.alive else None for n in self.nodes]
+        alive = [n.alive for n in self.nodes]
+        incomplete = sum(1 for n in self.nodes if n.alive and n.done_at is None)
+        return SimResult(
+            config=cfg,
+            bound_s=self.bound,
+            zone_bound_s=self.zone_bound,
+            completion_s=completion,
+            alive=alive,
+            failed=alive.count(False),
+            incomplete=incomplete,
+            origin_bytes=self.origin_bytes,
+            peer_bytes=self.peer_bytes,
+            end_s=self.now,
+            stats=dict(self.stats),
+            picker=_name(self.picker_factory),
+            handout=_name(self.handout),
+        )
+
+    def _loop(self, max_time: float) -> None:
+        heap = self.heap
+        pop = heapq.heappop
+        window = self.cfg.batch_window
+        stats = self.stats
+        events = 0
+        batches = 0
+        progress = self.progress
+        next_report = time.perf_counter() + 0.5 if progress is not None else math.inf
+        piece = self._piece_done
+        while heap and self.remaining_nodes > 0:
+            first = heap[0][0]
+            if first > max_time:
+                break
+            until = first + window
+            batches += 1
+            while heap and heap[0][0] <= until:
+                at, _, kind, obj, ver = pop(heap)
+                if kind == _PIECE:
+                    if ver == obj.ver:
+                        events += 1
+                        self.now = at
+                        piece(obj, at)
+                    continue
+                events += 1
+                self.now = at
+                if kind == _TIMEOUT:
+                    if ver == obj.ver and obj.open:
+                        stats["timeouts"] += 1
+                        self._close(obj, at, backoff=True)
+                elif kind == _START:
+                    self._start(obj, at)
+                elif kind == _FAIL:
+                    self._fail(obj, at)
+                elif kind == _WAKE:
+                    if obj.wake_at == at:
+                        obj.wake_at = math.inf
+                        self.dial[obj] = None
+                elif kind == _LEASE:
+                    self.lease_check_pending = False
+                    self._lease_check(at)
+                elif kind == _SWEEP:
+                    self._sweep(at)
+            self._settle(self.now)
+            if batches & 0xFF == 0 and time.perf_counter() >= next_report:
+                next_report = time.perf_counter() + 0.5
+                self._report(progress)
+        stats["events"] = events
+        stats["batches"] = batches
+        if progress is not None:
+            self._report(progress)
+            progress.write("\n")
+
+    def _report(self, out: TextIO | None) -> None:
+        if out is None:
+            return
+        done = sum(1 for n in self.nodes if n.done_at is not None and n.alive)
+        alive = sum(1 for n in self.nodes if n.alive)
+        out.write(
+            f"\rsimulated {self.now:8.2f}s  complete {done}/{alive}  "
+            f"pieces {self.stats['pieces']}  picks {self.stats['picks']}   "
+        )
+        out.flush()
+
+    # -- batch end: refill requests, dial, re-rate ----------------------------------------------
+
+    def _settle(self, now: float) -> None:
+        while self.refill or self.dial:
+            refill, self.refill = self.refill, {}
+            for c in refill:
+                if c.open:
+                    self._fill(c, now)
+            dial, self.dial = self.dial, {}
+            for node in dial:
+                self._dial_more(node, now)
+        if self.dirty or self.dirty_links or self.fresh:
+            self._rerate(now)
+
+    def _rerate(self, now: float) -> None:
+        """Re-rate the flows whose share changed: a flow's rate depends only on its sender's
+        count of active uploads, its receiver's count of active downloads and its link's count,
+        so only nodes (links) whose count differs from the last re-rating need a pass."""
+        self.stamp += 1
+        stamp = self.stamp
+        todo = [c for c in self.fresh if c.active]
+        for c in todo:
+            c.stamp = stamp
+        self.fresh = []
+        for node in self.dirty:
+            if node.n_up != node.rated_up:
+                node.rated_up = node.n_up
+                for c in node.uploads:
+                    if c.active and c.stamp != stamp:
+                        c.stamp = stamp
+                        todo.append(c)
+            if node.n_down != node.rated_down:
+                node.rated_down = node.n_down
+                for c in node.downloads.values():
+                    if c.active and c.stamp != stamp:
+                        c.stamp = stamp
+                        todo.append(c)
+                oc = node.origin_conn
+                if oc is not None and oc.active and oc.stamp != stamp:
+                    oc.stamp = stamp
+                    todo.append(oc)
+        for link in self.dirty_links:
+            if link.n != link.rated_n:
+                link.rated_n = link.n
+                for c in link.conns:
+                    if c.stamp != stamp:
+                        c.stamp = stamp
+                        todo.append(c)
+        self.dirty = {}
+        self.dirty_links = {}
+        self.stats["rate_updates"] += len(todo)
+        schedule = self._schedule
+        for c in todo:
+            src, dst = c.src, c.dst
+            rate = src.up / src.n_up
+            share = dst.down / dst.n_down
+            if share < rate:
+                rate = share
+            link = c.link
+            if link is not None:
+                share = link.cap / link.n
+                if share < rate:
+                    rate = share
+            if rate != c.rate:
+                if c.rate > 0.0:
+                    c.remaining -= c.rate * (now - c.last)
+                    if c.remaining < 0.0:
+                        c.remaining = 0.0
+                c.last = now
+                c.rate = rate
+                schedule(c, now)
+
+    # -- flows -------------------------------------------------------------------------------------
+
+    def _activate(self, c: _Conn, now: float) -> None:
+        c.active = True
+        c.remaining = self.piece_bytes[c.queue[0]]
+        c.last = now
+        c.rate = 0.0
+        self.fresh.append(c)
+        src, dst = c.src, c.dst
+        src.n_up += 1
+        dst.n_down += 1
+        self.dirty[src] = None
+        self.dirty[dst] = None
+        link = c.link
+        if link is not None:
+            link.n += 1
+            link.conns[c] = None
+            self.dirty_links[link] = None
+
+    def _deactivate(self, c: _Conn) -> None:
+        c.active = False
+        c.rate = 0.0
+        c.ver += 1
+        src, dst = c.src, c.dst
+        src.n_up -= 1
+        dst.n_down -= 1
+        self.dirty[src] = None
+        self.dirty[dst] = None
+        link = c.link
+        if link is not None:
+            link.n -= 1
+            del link.conns[c]
+            self.dirty_links[link] = None
+
+    def _piece_done(self, c: _Conn, now: float) -> None:
+        index = c.queue.pop(0)
+        c.req_at.pop(0)
+        dst = c.dst
+        self.stats["pieces"] += 1
+        if c.src is self.origin:
+            self.origin_bytes += int(self.piece_bytes[index])
+            self.known.add(index)
+            self._deliver(dst, index, now, None)
+            if c.open:
+                if index + 1 < self.num_pieces:
+                    c.queue.append(index + 1)
+                    c.req_at.append(now)
+                else:
+                    self._origin_done(dst, now)
+        else:
+            self.peer_bytes += int(self.piece_bytes[index])
+            self._deliver(dst, index, now, c)
+            if c.open:
+                self.refill[c] = None
+        if c.open:
+            if c.queue:
+                c.remaining = self.piece_bytes[c.queue[0]]
+                c.last = now
+                self._schedule(c, now)
+            else:
+                self._deactivate(c)
+
+    def _deliver(self, dst: _Node, index: int, now: float, via: _Conn | None) -> None:
+        picker = dst.picker
+        assert picker is not None
+        if via is not None:
+            picker.request_ended(index)
+        have = dst.have
+        if index in have:
+            self.stats["duplicates"] += 1
+            return
+        if picker.in_flight.get(index):
+            self._cancel_duplicates(dst, index, via, now)
+        picker.mark_have(index)
+        dst.last_progress = now
+        if index == dst.read_pos:
+            pos = index + 1
+            while pos in have:
+                pos += 1
+            dst.read_pos = pos
+        # HAVE to every peer downloading from dst
+        refill = self.refill
+        shortcut = self.dry_shortcut
+        for u in dst.uploads:
+            u.avail[index] += 1
+            if index not in u.wants_have and index not in u.wants_flight:
+                if u.dry and shortcut and not u.dst.endgame:
+                    # The last pick on u took every fresh piece dst had for u.dst, so the next
+                    # would choose among exactly these: skip the O(pieces) call (see _fill).
+                    u.stash.append(index)
+                else:
+                    u.dry = False
+                if len(u.queue) < MAX_IN_FLIGHT:
+                    refill[u] = None
+        if len(have) == self.num_pieces:
+            self._complete(dst, now)
+
+    def _cancel_duplicates(self, dst: _Node, index: int, via: _Conn | None, now: float) -> None:
+        """Endgame: the first copy won; cancel the other requests for it."""
+        for c in dst.downloads.values():
+            if c is via or index not in c.queue:
+                continue
+            position = c.queue.index(index)
+            del c.queue[position]
+            del c.req_at[position]
+            assert dst.picker is not None
+            dst.picker.request_ended(index)
+            self.refill[c] = None
+            if position == 0:
+                if c.queue:
+                    c.remaining = self.piece_bytes[c.queue[0]]
+                    c.last = now
+                    self._schedule(c, now)
+                else:
+                    self._deactivate(c)
+
+    def _fill(self, c: _Conn, now: float) -> None:
+        """Top up a connection's requests to MAX_IN_FLIGHT with the picker's choices.
+
+        The picker is asked for ``pick_count`` pieces at a time; what is not requested at once
+        waits in the connection's stash (re-checked before use). When the last pick returned
+        fewer than asked ("dry"), the stash plus the pieces the peer announced since is exactly
+        the set pick would choose from; if it fits in the room it is requested without a call.
+        """
+        dst = c.dst
+        if not dst.alive or dst.done_at is not None:
+            return
+        queue = c.queue
+        room = MAX_IN_FLIGHT - len(queue)
+        if room <= 0:
+            return
+        picker = dst.picker
+        assert picker is not None
+        have = dst.have
+        in_flight = picker.in_flight
+        stash = [i for i in c.stash if i not in have and i not in in_flight]
+        chosen: list[int]
+        if c.dry and self.dry_shortcut and not dst.endgame and len(stash) <= room:
+            stash.reverse()
+            chosen, c.stash = stash, []
+        elif c.dry and self.dry_shortcut and not dst.endgame:
+            chosen = self._pick(c, room, [])
+        else:
+            chosen = []
+            while stash and len(chosen) < room:
+                chosen.append(stash.pop())
+            c.stash = stash
+            if len(chosen) < room and not c.dry:
+                chosen = self._pick(c, room, chosen)
+        if not chosen:
+            return
+        was_idle = not queue
+        for index in chosen:
+            picker.request_started(index)
+            queue.append(index)
+            c.req_at.append(now)
+        if was_idle:
+            self._activate(c, now)
+        if not dst.endgame and len(in_flight) == self.num_pieces - len(have):
+            # Every missing piece is requested somewhere: endgame, duplicates allowed now.
+            dst.endgame = True
+            for other in dst.downloads.values():
+                other.dry = False
+                self.refill[other] = None
+
+    def _pick(self, c: _Conn, room: int, chosen: list[int]) -> list[int]:
+        """``chosen`` plus what the picker picks to fill ``room``; the surplus goes to the stash."""
+        picker = c.dst.picker
+        assert picker is not None
+        need = room - len(chosen)
+        count = max(need, self.cfg.pick_count)
+        picks = picker.pick(c.src.have.as_bitfield(), count, c.dst.read_pos, exclude=c.queue + chosen)
+        self.stats["picks"] += 1
+        rest = picks[need:]
+        rest.reverse()
+        c.stash = rest
+        c.dry = len(picks) < count  # it took every fresh piece the peer had for us
+        return chosen + picks[:need]
+
+    def _connect(self, node: _Node, peer: _Node, now: float) -> bool:
+        self.stats["dials"] += 1
+        if not peer.alive or not peer.started or len(peer.uploads) >= MAX_CONNECTIONS:
+            self.stats["dial_failures"] += 1
+            return False
+        link = self.links.get((peer.zone, node.zone)) if peer.zone != node.zone else None
+        c = _Conn(peer, node, link)
+        peer.uploads[c] = None
+        node.downloads[peer.index] = c
+        assert node.picker is not None
+        node.picker.add_peer(peer.have)
+        self.refill[c] = None
+        return True
+
+    def _close(self, c: _Conn, now: float, *, backoff: bool) -> None:
+        """End a connection: its requests go back to the picker, the downloader dials more."""
+        if not c.open:
+            return
+        if c.active:
+            self._deactivate(c)
+        c.open = False
+        c.ver += 1
+        src, dst = c.src, c.dst
+        if src is self.origin:
+            dst.origin_conn = None
+            return
+        del src.uploads[c]
+        del dst.downloads[src.index]
+        if dst.alive and dst.done_at is None:
+            picker = dst.picker
+            assert picker is not None
+            picker.remove_peer(src.have)
+            for index in c.queue:
+                picker.request_ended(index)
+            if c.queue:
+                dst.endgame = False
+                for other in dst.downloads.values():
+                    other.dry = False
+                    self.refill[other] = None
+            if backoff:
+                dst.failed_at[src.index] = now
+            self.dial[dst] = None
+        c.queue.clear()
+        c.req_at.clear()
+
+    # -- nodes -------------------------------------------------------------------------------------
+
+    def _start(self, node: _Node, now: float) -> None:
+        if not node.alive:
+            return
+        node.started = True
+        node.last_progress = now
+        picker = self.picker_factory(self.num_pieces, self.policy_rng)
+        node.have = install_piece_sets(picker, self.known)
+        node.picker = picker
+        if self.lease_holder is None and self.lease_expires == math.inf:
+            # The first node to ask gets the origin-fetch lease and streams from the origin.
+            self._grant_lease(node, now)
+            self._announce(node, now, handout=False)
+            return
+        node.swarming = True
+        self._announce(node, now, handout=True)
+        self.dial[node] = None
+
+    def _fail(self, node: _Node, now: float) -> None:
+        if not node.alive:
+            return
+        if node.started and node.done_at is None:
+            self.remaining_nodes -= 1
+        elif not node.started:
+            self.remaining_nodes -= 1
+        node.alive = False
+        node.died_at = now
+        for c in list(node.uploads):
+            self._close(c, now, backoff=True)
+        for c in list(node.downloads.values()):
+            self._close(c, now, backoff=False)
+        if node.origin_conn is not None:
+            self._close(node.origin_conn, now, backoff=False)
+        if self.lease_holder is node:
+            self._release_lease(now)
+
+    def _complete(self, node: _Node, now: float) -> None:
+        node.done_at = now
+        self.remaining_nodes -= 1
+        for c in list(node.downloads.values()):
+            self._close(c, now, backoff=False)
+        if node.origin_conn is not None:
+            self._close(node.origin_conn, now, backoff=False)
+            if self.lease_holder is node:
+                self._release_lease(now)
+        self._announce(node, now, handout=False)
+
+    def _dial_more(self, node: _Node, now: float, announced: bool = False) -> None:
+        if not node.alive or not node.swarming or node.done_at is not None:
+            return
+        need = MAX_PEERS - len(node.downloads)
+        if need <= 0:
+            return
+        retry = math.inf
+        downloads = node.downloads
+        failed_at = node.failed_at
+        nodes = self.nodes
+        for index in node.addresses:
+            if index in downloads:
+                continue
+            failed = failed_at.get(index)
+            if failed is not None and now - failed < REDIAL_BACKOFF:
+                retry = min(retry, failed + REDIAL_BACKOFF)
+                continue
+            if self._connect(node, nodes[index], now):
+                need -= 1
+                if need == 0:
+                    return
+            else:
+                failed_at[index] = now
+                retry = min(retry, now + REDIAL_BACKOFF)
+        # Still short of peers: ask the tracker for more (at most once per announce interval).
+        if not announced and now >= node.next_handout:
+            self._announce(node, now, handout=True)
+            self._dial_more(node, now, announced=True)
+            return
+        self._wake(node, min(retry, max(node.next_handout, now + STALL_POLL)))
+
+    # -- tracker -----------------------------------------------------------------------------------
+
+    def _record(self, node: _Node, now: float) -> PeerRecord:
+        pieces = len(node.have)
+        complete = pieces == self.num_pieces
+        old = node.record
+        tiers = self.seeders if complete else self.leechers
+        if old is not None:
+            (self.seeders if old.complete else self.leechers)[node.zone].pop(node.index, None)
+        record = PeerRecord(
+            node.peer_id, self.addr[node.index], self.zone_names[node.zone], complete, pieces, now
+        )
+        tiers[node.zone][node.index] = record
+        node.record = record
+        return record
+
+    def _announce(self, node: _Node, now: float, *, handout: bool) -> None:
+        record = self._record(node, now)
+        if not handout:
+            return
+        node.next_handout = now + ANNOUNCE_INTERVAL
+        candidates = self._candidates(node)
+        load = self.load.snapshot([r.peer_id for r in candidates], now)
+        chosen = self.handout(candidates, record, HANDOUT_LIMIT, self.policy_rng, load)
+        self.load.record([r.peer_id for r in chosen], now)
+        self.stats["handouts"] += 1
+        known = node.addr_index
+        for r in chosen:
+            index = int.from_bytes(r.peer_id, "big")
+            if index not in known and index != node.index:
+                known.add(index)
+                node.addresses.append(index)
+
+    def _candidates(self, node: _Node) -> list[PeerRecord]:
+        """The tracker's candidates, tier by tier as choose_peers ranks them, stopping after the
+        tier that fills the handout: choose_peers never looks past that tier, so this answers
+        the same as passing the whole swarm, without the O(swarm) pass over unneeded tiers."""
+        zone = node.zone
+        others = [z for z in range(self.cfg.zones) if z != zone]
+        tiers = (
+            [self.seeders[zone]],
+            [self.leechers[zone]],
+            [self.seeders[z] for z in others],
+            [self.leechers[z] for z in others],
+        )
+        candidates: list[PeerRecord] = []
+        total = 0
+        sample = self.cfg.handout_sample
+        for group in tiers:
+            size = sum(len(t) for t in group)
+            if size == 0:
+                continue
+            records: list[PeerRecord] = []
+            for t in group:
+                records.extend(t.values())
+            if node.index in group[0] or any(node.index in t for t in group):
+                size -= 1
+            if sample is not None and len(records) > sample:
+                records = _sample(records, sample, self.rng)
+            candidates += records
+            total += size
+            if total >= HANDOUT_LIMIT:
+                break
+        return candidates
+
+    def _sweep(self, now: float) -> None:
+        """Every announce interval: downloading nodes announce their progress; the tracker
+        forgets peers that stopped announcing PEER_TTL ago; a stalled node may take the lease."""
+        for node in self.nodes:
+            if not node.started:
+                continue
+            record = node.record
+            if node.alive:
+                if node.done_at is None and record is not None and record.pieces != len(node.have):
+                    self._record(node, now)
+            elif record is not None and node.died_at is not None:
+                if now - node.died_at >= PEER_TTL:
+                    (self.seeders if record.complete else self.leechers)[node.zone].pop(
+                        node.index, None
+                    )
+                    node.record = None
+        self.load.sweep(now)
+        if self.remaining_nodes > 0:
+            self._push(now + ANNOUNCE_INTERVAL, _SWEEP, None)
+
+    # -- origin-fetch lease ------------------------------------------------------------------------
+
+    def _grant_lease(self, node: _Node, now: float) -> None:
+        self.lease_holder = node
+        self.lease_since = now
+        self.lease_expires = math.inf  # renewed while the holder fetches
+        c = _Conn(self.origin, node, None)
+        self.origin.uploads[c] = None
+        node.origin_conn = c
+        c.queue.append(node.read_pos)
+        c.req_at.append(now)
+        self._activate(c, now)
+
+    def _release_lease(self, now: float) -> None:
+        """The holder stopped renewing (done or dead): the lease runs out LEASE_TTL after the
+        last renewal."""
+        since = self.lease_since
+        last_renewal = since + math.floor((now - since) / LEASE_RENEW_INTERVAL) * (
+            LEASE_RENEW_INTERVAL
+        )
+        self.lease_holder = None
+        self.lease_expires = last_renewal + LEASE_TTL
+        self._lease_wake(self.lease_expires)
+
+    def _origin_done(self, node: _Node, now: float) -> None:
+        c = node.origin_conn
+        if c is not None:
+            self._close(c, now, backoff=False)
+            if c.active:
+                self._deactivate(c)
+        if self.lease_holder is node:
+            self._release_lease(now)
+
+    def _lease_wake(self, at: float) -> None:
+        if not self.lease_check_pending:
+            self.lease_check_pending = True
+            self._push(at, _LEASE, None)
+
+    def _lease_check(self, now: float) -> None:
+        if self.lease_holder is not None or self.remaining_nodes <= 0:
+            return
+        if now < self.lease_expires:
+            self._lease_wake(self.lease_expires)
+            return
+        stalled: _Node | None = None
+        earliest = math.inf
+        for node in self.nodes:
+            if node.alive and node.started and node.done_at is None and node.swarming:
+                since = node.last_progress
+                if since < earliest:
+                    earliest, stalled = since, node
+        if stalled is None:
+            return
+        if now - earliest >= STALL_TIMEOUT:
+            self.stats["lease_takeovers"] += 1
+            self._grant_lease(stalled, now)
+        else:
+            self._lease_wake(max(earliest + STALL_TIMEOUT, now + STALL_POLL))
+
+
+def _sample(records: list[PeerRecord], size: int, rng: random.Random) -> list[PeerRecord]:
+    """About ``size`` distinct records drawn uniformly (with replacement, repeats dropped), in
+    their original order: O(size) with the draws made in one C call."""
+    n = len(records)
+    draws = memoryview(rng.randbytes(4 * size)).cast("I").tolist()
+    return [records[i] for i in sorted({x % n for x in draws})]
+
+
+def _stock_pick(factory: PickerFactory) -> bool:
+    probe = factory(1, random.Random(0))
+    return type(probe).pick is PiecePicker.pick
+
+
+def _name(obj: object) -> str:
+    name = getattr(obj, "__qualname__", None) or type(obj).__qualname__
+    module = getattr(obj, "__module__", "")
+    return f"{module}.{name}" if module else str(name)
+
+
+def simulate(
+    config: SimConfig,
+    *,
+    picker_factory: PickerFactory = default_picker,
+    handout: HandoutPolicy = choose_peers,
+    progress: TextIO | None = None,
+) -> SimResult:
+    return Simulator(
+        config, picker_factory=picker_factory, handout=handout, progress=progress
+    ).run()
+
+
+# -- command line ----------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--nodes", metavar="N", required=True, help="fleet size")
+    add("--blob-size", metavar="SIZE", required=True, help="e.g. 1GiB")
+    add("--node-bandwidth", metavar="RATE", help="per-node upload and download, e.g. 100MiB")
+    add("--node-upload", metavar="RATE", help="per-node upload (default --node-bandwidth)")
+    add("--node-download", metavar="RATE", help="per-node download (default --node-bandwidth)")
+    add("--origin-bandwidth", metavar="RATE", required=True, help="origin upload, e.g. 100MiB")
+    add("--piece-length", metavar="SIZE", default="4MiB", help="piece size (4MiB)")
+    add("--zones", metavar="K", default="1", help="zones, nodes spread round-robin (1)")
+    add(
+        "--inter-zone-bandwidth",
+        metavar="RATE",
+        help="capacity from each zone to each other zone, per direction (default unlimited)",
+    )
+    add("--fail-fraction", metavar="X", default="0", help="fraction of nodes that fail (0)")
+    add(
+        "--fail-window",
+        metavar="DURATION",
+        help="failures happen uniformly in [0, this] (default: the lower bound)",
+    )
+    add("--start-spread", metavar="DURATION", default="0", help="node starts spread over this")
+    add("--seed", metavar="N", default="0", help="random seed (0)")
+    add("--pick-count", metavar="N", default="16", help="pieces asked of the picker per call")
+    add("--batch-window", metavar="DURATION", default="1ms", help="events merged per batch")
+    add(
+        "--handout-sample",
+        metavar="N",
+        help="random sample of at most N candidates per handout tier (default: all)",
+    )
+    add("--max-time", metavar="DURATION", help="stop the simulation at this simulated time")
+    add("--json", metavar="FILE", help="write the results as JSON ('-' for stdout)")
+    add("--progress", action="store_true", help="show progress on stderr while running")
+
+
+def _int(text: str, what: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{what}: expected an integer, not {text!r}") from None
+
+
+def _float(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{what}: expected a number, not {text!r}") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{what}: expected a finite number, not {text!r}")
+    return value
+
+
+def config_from_args(args: argparse.Namespace) -> SimConfig:
+    bandwidth = args.node_bandwidth
+    upload = args.node_upload or bandwidth
+    download = args.node_download or bandwidth
+    if upload is None or download is None:
+        raise ConfigError("give --node-bandwidth (or both --node-upload and --node-download)")
+    config = SimConfig(
+        nodes=_int(args.nodes, "--nodes"),
+        blob_size=parse_size(args.blob_size, "--blob-size"),
+        node_upload=float(parse_size(upload, "--node-upload")),
+        node_download=float(parse_size(download, "--node-download")),
+        origin_upload=float(parse_size(args.origin_bandwidth, "--origin-bandwidth")),
+        piece_length=parse_size(args.piece_length, "--piece-length"),
+        zones=_int(args.zones, "--zones"),
+        inter_zone=(
+            float(parse_size(args.inter_zone_bandwidth, "--inter-zone-bandwidth"))
+            if args.inter_zone_bandwidth is not None
+            else None
+        ),
+        fail_fraction=_float(args.fail_fraction, "--fail-fraction"),
+        fail_window=(
+            parse_duration(args.fail_window, "--fail-window")
+            if args.fail_window is not None
+            else None
+        ),
+        start_spread=parse_duration(args.start_spread, "--start-spread"),
+        seed=_int(args.seed, "--seed"),
+        pick_count=_int(args.pick_count, "--pick-count"),
+        batch_window=parse_duration(args.batch_window, "--batch-window"),
+        handout_sample=(
+            _int(args.handout_sample, "--handout-sample")
+            if args.handout_sample is not None
+            else None
+        ),
+        max_time=parse_duration(args.max_time, "--max-time") if args.max_time else None,
+    )
+    config.validate()
+    return config
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} s"
+
+
+def format_summary(summary: Mapping[str, Any], wall_s: float | None = None) -> str:
+    links = summary["links"]
+    rows = [
+        ("nodes", f"{summary['nodes']} ({summary['failed']} failed, {summary['incomplete']} "
+         "unfinished)"),
+        ("blob", f"{format_size(summary['blob_bytes'])} in {summary['pieces']} pieces"),
+        (
+            "links",
+            f"node up {format_size(links['node_upload'])}/s, down "
+            f"{format_size(links['node_download'])}/s, origin "
+            f"{format_size(links['origin_upload'])}/s"
+            + (
+                f", inter-zone {format_size(links['inter_zone'])}/s per pair"
+                if links["inter_zone"] is not None
+                else ""
+            ),
+        ),
+        ("lower bound", _seconds(summary["bound_s"])),
+    ]
+    if "zone_bound_s" in summary:
+        rows.append((f"zone bound ({summary['zones']} zones)", _seconds(summary["zone_bound_s"])))
+    for name in ("p50", "p90", "p99", "max"):
+        value = summary[f"{name}_s"]
+        ratio = summary[f"ratio_{name}"]
+        text = _seconds(value)
+        if ratio is not None:
+            text += f"  ({ratio:.2f} x bound"
+            zone_ratio = summary.get(f"zone_ratio_{name}")
+            if zone_ratio is not None:
+                text += f", {zone_ratio:.2f} x zone bound"
+            text += ")"
+        rows.append((f"completion {name}", text))
+    rows.append(
+        (
+            "origin served",
+            f"{format_size(summary['origin_bytes'])} ({summary['origin_copies']:.2f} copies)",
+        )
+    )
+    stats = summary["stats"]
+    rows.append(
+        (
+            "simulated",
+            f"{stats['pieces']} piece transfers, {stats['picks']} picks, "
+            f"{stats['handouts']} handouts, {stats['events']} events",
+        )
+    )
+    if wall_s is not None:
+        rows.append(("wall time", f"{wall_s:.1f} s"))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def run_from_args(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    config = config_from_args(args)
+    started = time.perf_counter()
+    result = simulate(config, progress=sys.stderr if args.progress else None)
+    wall = time.perf_counter() - started
+    summary = result.summary()
+    if args.json:
+        text = json.dumps(summary, indent=1)
+        if args.json == "-":
+            out.write(text + "\n")
+        else:
+            try:
+                with open(args.json, "w", encoding="utf-8") as file:
+                    file.write(text + "\n")
+            except OSError as exc:
+                raise ConfigError(f"--json {args.json}: {exc.strerror or exc}") from None
+    print(format_summary(summary, wall), file=sys.stderr if args.json == "-" else out)
+    return 0
+
+
+def config_dict(config: SimConfig) -> dict[str, Any]:
+    return asdict(config)
