@@ -86,8 +86,7 @@ class Discovery:
             self._listeners[PEER_SERVICE] = on_peers
         # service type -> mDNS name -> what it resolved to (a tracker URL or a peer address)
         self._found: dict[str, dict[str, str]] = {kind: {} for kind in self._listeners}
-        self._wanted: list[ServiceInfo] = []  # to register
-        self._registered: list[ServiceInfo] = []
+        self._wanted: list[ServiceInfo] = []  # not registered yet
         self._pending: dict[tuple[str, str], bool] = {}  # (type, name) -> present
         self._retries: dict[tuple[str, str], tuple[int, float]] = {}  # -> (attempts, not before)
         self._registration_wanted = trio.Event()
@@ -153,6 +152,13 @@ class Discovery:
                 "browsing and advertising" if self._listeners else "advertising",
             )
             await self._serve(zeroconf)
+        except Exception as exc:
+            # The agent works without discovery (trackers it was given, the origin): keep it up.
+            log.error("mDNS discovery stopped: %r", exc, exc_info=exc)
+            for service_type, found in self._found.items():
+                if found:
+                    found.clear()
+                    self._listeners[service_type]([])
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
                 await trio.to_thread.run_sync(_close, zeroconf, browser, abandon_on_cancel=True)
@@ -224,7 +230,6 @@ class Discovery:
                     log.warning("could not advertise %s over mDNS: %s; retrying", info.name, exc)
                     continue
                 self._wanted.remove(info)
-                self._registered.append(info)
                 log.info("advertising %s on %s:%d over mDNS", info.name, self._ip, info.port)
             with trio.move_on_after(REGISTER_RETRY if self._wanted else math.inf):
                 await self._registration_wanted.wait()

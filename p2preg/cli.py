@@ -11,7 +11,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -236,45 +236,47 @@ def _config_error(group: BaseExceptionGroup[BaseException]) -> BaseException | N
     return first
 
 
-def _run_agent(config: AgentConfig) -> int:
+def _run_service(service: Callable[..., Awaitable[None]], config: object) -> int:
+    """Run a long-lived service until SIGINT or SIGTERM, then cancel it so it cleans up
+    (mDNS goodbyes, closed connections) and exit 0; configuration errors stay one line."""
+    import signal
+
     import trio
 
-    from agent.service import run_agent
+    async def until_signalled() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(service, config)
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    return
 
     try:
-        trio.run(run_agent, config)
+        trio.run(until_signalled)
     except KeyboardInterrupt:
         return 130
     except BaseExceptionGroup as group:
-        # A ConfigError raised inside the agent's nursery (e.g. the port is taken) is still a
-        # one-line error for the operator, not a traceback.
         error = _config_error(group)
         if error is None:
             raise
         raise error from None
     return 0
+
+
+def _run_agent(config: AgentConfig) -> int:
+    from agent.service import run_agent
+
+    return _run_service(run_agent, config)
 
 
 def _run_tracker(config: TrackerConfig) -> int:
-    import trio
+    if config.discovery == "mdns":
+        from agent.discovery import run_advertised_tracker
 
+        return _run_service(run_advertised_tracker, config)
     from tracker.server import run_tracker
 
-    try:
-        if config.discovery == "mdns":
-            from agent.discovery import run_advertised_tracker
-
-            trio.run(run_advertised_tracker, config)
-        else:
-            trio.run(run_tracker, config)
-    except KeyboardInterrupt:
-        return 130
-    except BaseExceptionGroup as group:
-        error = _config_error(group)
-        if error is None:
-            raise
-        raise error from None
-    return 0
+    return _run_service(run_tracker, config)
 
 
 if __name__ == "__main__":

@@ -225,6 +225,16 @@ def test_agents_without_a_tracker_share_a_blob(make_lan) -> None:
     wait_for_log(b, rf"cached {digest} \({2 * MiB + 5} bytes; 0 from the origin\)")
 
 
+def test_an_embedded_tracker_is_advertised(make_lan) -> None:
+    lan = make_lan("a", "b")
+    mdns = ("--discovery=mdns", "--cluster-name=team-three")
+    a = lan.start_agent("a", "a", *mdns, "--embedded-tracker", "--embedded-tracker-port=5081")
+    b = lan.start_agent("b", "b", *mdns)
+    wait_for_log(b, rf"discovered tracker http://{lan.ip['a']}:5081 ")
+    wait_for_log(a, rf"discovered peer {lan.ip['b']}:{PEER_PORT} ")
+    assert "discovered tracker" not in a.log_tail(1_000_000)  # its own is not "discovered"
+
+
 def test_agents_of_another_cluster_are_ignored(make_lan) -> None:
     lan = make_lan("a", "b")
     a = lan.start_agent("a", "a", "--discovery=mdns", "--cluster-name=red")
