@@ -109,6 +109,9 @@ class SwarmCoordinator:
             await downloads.fetch_from_origin(download, request)
             return
         if lease is not None and lease.granted:
+            # We publish this blob's metainfo: if our own copy fails its digest, report_bad
+            # names us, so the tracker drops the hashes we published from bad origin bytes.
+            self._publishers[digest] = self._identity.peer_id
             await self._fetch_as_origin_fetcher(download, request, downloads, lease.expires_in)
             return
         if lease is not None:

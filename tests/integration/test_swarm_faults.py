@@ -405,3 +405,53 @@ async def test_peer_port_refuses_a_wrong_secret_and_a_replayed_handshake(
         assert types[:2] == ["hello", "auth"] and set(types) <= set(_REFUSED), types
         await wait_until(lambda: "refused peer connection" in caplog.text, 5)
         assert "failed authentication" in caplog.text
+
+
+@pytest.mark.timeout(90)
+async def test_blob_failing_its_digest_is_reported_and_fetched_again(
+    origin: OriginRegistry,
+    image_factory: ImageFactory,
+    start_agent: AgentStarter,
+    nursery: trio.Nursery,
+    tmp_path: Path,
+) -> None:
+    """The origin fetcher got corrupt bytes and published piece hashes of them. Its blob fails
+    the sha256: it reports, the tracker drops that metainfo (and quarantines the publisher), and
+    the next pulls fetch clean bytes; no node ever caches or serves the corrupt blob."""
+    from p2preg.digest import Digest
+    from tests.support.fault_proxy import Fault, run_fault_proxy
+    from tests.support.swarm_harness import start_swarm
+
+    image = image_factory("team/badpublish", layer_sizes=(6 * MiB + 3,))
+    layer = image.layers[0]
+    good = layer.path.read_bytes()
+    proxy = await nursery.start(run_fault_proxy, origin.url)
+    tracker, (publisher, downloader) = await start_swarm(
+        nursery, start_agent, tmp_path, proxy.url, 2
+    )
+    proxy.add_fault(Fault("corrupt", f"/blobs/{layer.digest}", after_bytes=2 * MiB + 17))
+    url = f"/v2/team/badpublish/blobs/{layer.digest}"
+    digest = Digest.parse(layer.digest)
+    async with httpx.AsyncClient(timeout=30) as client:
+        with trio.fail_after(30):
+            await _expect_truncated(client, publisher.registry_url + url)
+        # The publisher named itself: the metainfo it published is gone from the tracker.
+        with trio.fail_after(10):
+            while await tracker.running.store.get_metainfo(digest) is not None:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        assert not publisher.store.has(digest)
+        # The fault was used up: the downloader (the publisher is quarantined for this blob)
+        # takes the lease and gets the real bytes from the origin.
+        with trio.fail_after(30):
+            response = await client.get(downloader.registry_url + url)
+        assert response.status_code == 200 and response.content == good
+        with trio.fail_after(30):
+            response = await client.get(publisher.registry_url + url)
+        assert response.status_code == 200 and response.content == good
+    assert proxy.count(f"/blobs/{layer.digest}", "GET") == 2
+
+
+async def _expect_truncated(client: httpx.AsyncClient, url: str) -> None:
+    with pytest.raises(httpx.HTTPError):
+        response = await client.get(url)
+        response.raise_for_status()
