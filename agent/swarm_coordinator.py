@@ -358,8 +358,9 @@ class SwarmCoordinator:
         if assembly is None or not self._tracker.urls:
             return
         try:
-            if download.digest not in self._publishers:
-                await self._tracker.put_metainfo(assembly.metainfo)
+            # Always: the origin fetcher's last hashes are computed after its fetch loop ended,
+            # and a verified blob's full metainfo can only fill gaps (merges never conflict).
+            await self._tracker.put_metainfo(assembly.metainfo)
             await self._announce(download.digest, assembly.metainfo, assembly.metainfo.num_pieces)
         except TrackerUnavailable as exc:
             log.info("could not announce %s: %s", download.digest, exc)
