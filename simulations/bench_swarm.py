@@ -137,6 +137,7 @@ LOG_SETTLE = 0.5  # docker-registry writes an access-log line just after the res
 POLL_INTERVAL = 0.01
 CPU_SAMPLE_INTERVAL = 0.5
 CPU_SATURATED = 0.95  # a sample at least this busy counts as saturated
+TOP_OTHERS = 3  # other processes named in the CPU report
 CPU_BOUND_MEAN = 0.85  # mean machine busy share above which the CPU, not the links, set the pace
 
 # The relay (limits mode).
@@ -226,6 +227,22 @@ def process_cpu_seconds(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def all_processes_cpu_seconds() -> dict[int, tuple[str, float]]:
+    """Every process's name and CPU seconds so far (kernel threads such as ksoftirqd too)."""
+    result = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        name = text[text.find("(") + 1 : text.rfind(")")]
+        fields = text.rpartition(")")[2].split()
+        result[int(entry.name)] = (name, (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
+    return result
+
+
 def reaped_children_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -246,6 +263,9 @@ class CpuReport:
     machine_peak: float = 0.0  # busiest CPU_SAMPLE_INTERVAL
     saturated_share: float = 0.0  # share of samples at least CPU_SATURATED busy
     cores: dict[str, float] = field(default_factory=dict)  # our processes, by role
+    # The busiest processes that are not ours ("name[pid]" -> cores): other users' work, and
+    # kernel threads, which may be doing our network processing (ksoftirqd).
+    top_others: dict[str, float] = field(default_factory=dict)
     load_after: float = 0.0
 
     @property
@@ -263,11 +283,13 @@ class CpuReport:
 
     def describe(self) -> str:
         parts = ", ".join(f"{role} {cores:.2f}" for role, cores in self.cores.items())
+        others = ", ".join(f"{name} {cores:.2f}" for name, cores in self.top_others.items())
         return (
             f"machine {self.machine_busy:.0%} busy on average (peak {self.machine_peak:.0%}, "
             f"{self.saturated_share:.0%} of {CPU_SAMPLE_INTERVAL:g} s samples >= "
             f"{CPU_SATURATED:.0%}); ours {self.ours:.2f} of {os.cpu_count()} cores ({parts}), "
-            f"other work {self.others:.2f} cores; 1-min load after {self.load_after:.2f}"
+            f"other work {self.others:.2f} cores (busiest: {others}); 1-min load after "
+            f"{self.load_after:.2f}"
         )
 
 
@@ -283,6 +305,7 @@ class CpuMonitor:
         self._process_start = {role: self._cpu_of(role) for role in pids}
         self._children_start = reaped_children_cpu_seconds()
         self._own_start = own_cpu_seconds()
+        self._everyone_start = all_processes_cpu_seconds()
 
     def _cpu_of(self, role: str) -> float:
         return sum(process_cpu_seconds(pid) for pid in self._pids[role])
@@ -311,7 +334,28 @@ class CpuMonitor:
             report.cores[role] = (self._cpu_of(role) - start) / wall
         report.cores["curl"] = (reaped_children_cpu_seconds() - self._children_start) / wall
         report.cores["bench"] = (own_cpu_seconds() - self._own_start) / wall
+        ours = {os.getpid()} | {pid for pids in self._pids.values() for pid in pids if pid}
+        others = []
+        for pid, (name, seconds) in all_processes_cpu_seconds().items():
+            if pid not in ours:
+                start = self._everyone_start.get(pid, (name, 0.0))[1]
+                others.append(((seconds - start) / wall, f"{name}[{pid}]"))
+        others.sort(reverse=True)
+        report.top_others = {
+            describe_process(name): cores for cores, name in others[:TOP_OTHERS] if cores >= 0.01
+        }
         return report
+
+
+def describe_process(name_pid: str) -> str:
+    """``comm[pid]`` -> ``comm[pid] <start of its command line>`` if it still runs."""
+    pid = name_pid.rpartition("[")[2].rstrip("]")
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return name_pid
+    command = " ".join(arg.decode(errors="replace") for arg in argv if arg)
+    return f"{name_pid} '{command[:60]}'" if command else name_pid
 
 
 # --- the origin relay (limits mode) -------------------------------------------------------------
@@ -556,7 +600,14 @@ class NetnsTestbed(Testbed):
         "counter on the origin's veth (wire bytes: Ethernet, IP, TCP headers) as a cross-check"
     )
 
-    def __init__(self, caps: Caps, lab: NetnsLab, work: Path, storage: Path) -> None:
+    def __init__(
+        self,
+        caps: Caps,
+        lab: NetnsLab,
+        work: Path,
+        storage: Path,
+        agent_upload_limit: int | None = None,
+    ) -> None:
         bridge = lab.namespace("br")
         origin_ns = lab.namespace("origin")
         tracker_ns = lab.namespace("tracker")
@@ -591,6 +642,9 @@ class NetnsTestbed(Testbed):
         self.tracker_netns = tracker_ns
         self.tracker_addr = f"{TRACKER_IP}:{NS_TRACKER_PORT}"
         self.upstream = self.direct_url = f"http://{origin_addr}"
+        self.agent_upload_limit = agent_upload_limit
+        if agent_upload_limit is not None:
+            self.agent_flags = ["--upload-limit", str(agent_upload_limit)]
         for node in (nodes[0], nodes[-1]):  # across the bridge, both ends of the address range
             if http_status(f"{self.direct_url}/v2/", node.netns) != "200":
                 origin.close()
@@ -608,8 +662,12 @@ class NetnsTestbed(Testbed):
             f"namespace on one bridge ({SUBNET_PREFIX}0/{PREFIX_LEN}, MTU {VETH_MTU}); tbf on "
             f"each node's veth both ways at {rate_text(c.node_rate)} "
             f"({self.node_tbf.describe()}), on the origin's veth both ways at "
-            f"{rate_text(c.origin_rate)}; tracker unshaped; agents without "
-            "--upload-limit/--download-limit"
+            f"{rate_text(c.origin_rate)}; tracker unshaped; agents "
+            + (
+                f"with --upload-limit {rate_text(self.agent_upload_limit)} (--agent-upload-limit)"
+                if self.agent_upload_limit is not None
+                else "without --upload-limit/--download-limit"
+            )
         )
 
     def origin_counters(self) -> dict[str, int]:
@@ -1276,6 +1334,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "127.0.0.1; auto: netns when it works (default)",
     )
     parser.add_argument(
+        "--agent-upload-limit",
+        metavar="RATE",
+        help="netns only: also pass --upload-limit RATE to the agents (default: none; the links "
+        "are the caps), e.g. to leave headroom on a node's uplink for its download's ACKs",
+    )
+    parser.add_argument(
         "--keep-logs", type=Path, metavar="DIR", help="copy every process's log here at the end"
     )
     parser.add_argument(
@@ -1291,6 +1355,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.node_rate = parse_size(args.node_bandwidth, "--node-bandwidth")
         origin = args.origin_bandwidth
         args.origin_rate = parse_size(origin, "--origin-bandwidth") if origin else args.node_rate
+        limit = args.agent_upload_limit
+        args.agent_upload_limit = parse_size(limit, "--agent-upload-limit") if limit else None
     except ConfigError as exc:
         parser.error(str(exc))
     if args.blob_bytes <= 0 or args.node_rate <= 0 or args.origin_rate <= 0:
@@ -1315,6 +1381,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.shaping = "netns" if reason is None else "limits"
     else:
         args.shaping_reason = None
+    if args.agent_upload_limit is not None and args.shaping != "netns":
+        parser.error("--agent-upload-limit is for --shaping netns (limits mode sets the limits)")
     return args
 
 
@@ -1343,7 +1411,7 @@ def run(args: argparse.Namespace) -> int:
         if args.shaping == "netns":
             origin.close()  # the origin in the namespace serves the same storage
             lab = cleanup.enter_context(NetnsLab(prefix=f"p2ps-{os.getpid()}-"))
-            testbed = NetnsTestbed(caps, lab, work, storage)
+            testbed = NetnsTestbed(caps, lab, work, storage, args.agent_upload_limit)
         else:
             testbed = LimitsTestbed(caps, origin, origin_port)
         cleanup.callback(testbed.close)
