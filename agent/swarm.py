@@ -46,7 +46,8 @@ from p2preg.wire import (
 
 log = logging.getLogger(__name__)
 
-MAX_IN_FLIGHT = 4
+MAX_IN_FLIGHT = 8
+MAX_IN_FLIGHT_BYTES = 8 * 1024 * 1024
 # A piece a peer refused is not asked of that peer again for this long.
 REFUSAL_BACKOFF = 0.5
 MAX_PEERS = 8
@@ -259,8 +260,20 @@ class Swarm:
             peer.meta_asked = True
             await peer.link.send(GetMeta(self.digest))
 
+    def waiting_on_peers(self) -> bool:
+        """Requests are out and not yet overdue: a busy seeder, not a stalled swarm."""
+        now = trio.current_time()
+        return any(
+            now - requested < self._piece_timeout
+            for peer in self.peers.values()
+            for requested in peer.in_flight.values()
+        )
+
     async def _fill(self, peer: _Peer) -> None:
-        room = MAX_IN_FLIGHT - len(peer.in_flight)
+        # Bound the bytes in flight per peer, not the count: deep queues of big pieces on one
+        # busy seeder only add latency (and look like stalls).
+        depth = max(1, min(MAX_IN_FLIGHT, MAX_IN_FLIGHT_BYTES // self.assembly.piece_length))
+        room = depth - len(peer.in_flight)
         if room <= 0 or self.complete:
             return
         read_position = self.picker.first_missing()

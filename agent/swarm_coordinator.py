@@ -69,6 +69,8 @@ class SwarmCoordinator:
         self.banned: set[bytes] = set()
         self._swarms: dict[Digest, Swarm] = {}
         self._publishers: dict[Digest, bytes] = {}
+        # Blobs this agent is fetching from the origin for the swarm right now.
+        self._origin_fetches: set[Digest] = set()
 
     # -- what peers may fetch from us while we download ---------------------------------------
 
@@ -82,7 +84,8 @@ class SwarmCoordinator:
         def open_fd() -> int | None:
             return None if partial.closed else os.dup(partial.fd)
 
-        return PieceSource(assembly.metainfo, assembly.pieces, True, open_fd)
+        fetching_from_origin = download.digest in self._origin_fetches
+        return PieceSource(assembly.metainfo, assembly.pieces, fetching_from_origin, open_fd)
 
     # -- fetching ------------------------------------------------------------------------------
 
@@ -152,6 +155,7 @@ class SwarmCoordinator:
         lease_seconds: float = 10.0,
     ) -> None:
         log.info("fetching %s from the origin for the swarm", download.digest)
+        self._origin_fetches.add(download.digest)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._publish_while_fetching, download, lease_seconds)
@@ -160,6 +164,7 @@ class SwarmCoordinator:
                 finally:
                     nursery.cancel_scope.cancel()
         except BaseException:
+            self._origin_fetches.discard(download.digest)
             # Let the next node try at once instead of waiting for the lease to expire.
             with (
                 trio.CancelScope(shield=True),
@@ -168,6 +173,9 @@ class SwarmCoordinator:
             ):
                 await self._tracker.release_lease(download.digest)
             raise
+        else:
+            # Bytes all here: while verifying and committing, serve pieces to anyone.
+            self._origin_fetches.discard(download.digest)
 
     async def _publish_while_fetching(
         self, download: Download, lease_seconds: float = 10.0
@@ -250,7 +258,10 @@ class SwarmCoordinator:
                 if progress != last_available:
                     last_available, last_progress_at = progress, now
                 elif (
-                    not origin_started and now - last_progress_at > self._config.swarm_stall_timeout
+                    not origin_started
+                    and now - last_progress_at > self._config.swarm_stall_timeout
+                    # Requests out to a busy seeder that are not overdue are not a stall.
+                    and not swarm.waiting_on_peers()
                 ):
                     if holders is None:
                         origin_started = await self._take_over_origin(

@@ -7,12 +7,17 @@ requests are in flight per piece.
 
 The choice, for a peer that holds pieces we want:
 1. Pieces in the window ``[read_position, read_position + window)`` in index order: the local
-   client streams the blob in order, so these unblock it soonest.
+   client streams the blob in order, so these unblock it soonest. The window is small (one
+   piece by default): every node of a rollout starts at offset 0, and a wide in-order window
+   makes all of them ask the same seeder for the same pieces at once (measured: the origin
+   fetcher then uploaded 2.8-3.4 copies of the blob while the others idled).
 2. The rarest remaining pieces (fewest holders), ties broken at random: rarest-first keeps every
    piece replicated, which keeps the swarm healthy when seeders leave and spreads load.
-3. Endgame: when every piece we lack is already requested somewhere, a piece may be requested
-   again from another peer, so one slow peer cannot hold up the tail; the first copy wins and the
-   other requests are cancelled.
+3. Endgame: when at most ``endgame_pieces`` pieces are missing and all of them are requested
+   somewhere, a piece may be requested once more from another peer, so one slow peer cannot hold
+   up the tail; the first copy wins and the other request is cancelled. Entering endgame earlier
+   (as soon as everything missing is in flight, which deep request pipelines reach with dozens of
+   pieces left) made nodes download up to 1.7 copies of the blob.
 """
 
 from __future__ import annotations
@@ -24,9 +29,17 @@ from p2preg.bitfield import Bitfield
 
 
 class PiecePicker:
-    def __init__(self, num_pieces: int, *, window: int = 4, rng: random.Random | None = None):
+    def __init__(
+        self,
+        num_pieces: int,
+        *,
+        window: int = 1,
+        endgame_pieces: int = 4,
+        rng: random.Random | None = None,
+    ):
         self.num_pieces = num_pieces
         self.window = window
+        self.endgame_pieces = endgame_pieces
         self.have = Bitfield(num_pieces)
         self.known = Bitfield(num_pieces)  # piece hash published: the piece can be verified
         self.availability = [0] * num_pieces
@@ -106,13 +119,13 @@ class PiecePicker:
         rest.sort(key=self.availability.__getitem__)
         chosen.extend(rest[: count - len(chosen)])
         if len(chosen) < count and self._endgame():
-            duplicates = [i for i in wanted if i in self.in_flight and i not in chosen]
+            duplicates = [i for i in wanted if self.in_flight.get(i, 0) == 1 and i not in chosen]
             duplicates.sort(key=lambda i: (self.in_flight[i], i))
             chosen.extend(duplicates[: count - len(chosen)])
         return chosen
 
     def _endgame(self) -> bool:
         missing = self.num_pieces - len(self.have)
-        return missing > 0 and all(
+        return 0 < missing <= self.endgame_pieces and all(
             i in self.in_flight for i in range(self.num_pieces) if i not in self.have
         )
