@@ -133,7 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
     _agent_parser(subparsers)
     _tracker_parser(subparsers)
     _demo_parser(subparsers)
+    _simulate_parser(subparsers)
     return parser
+
+
+def _simulate_parser(subparsers: Any) -> None:
+    from simulations.simulator import add_arguments
+
+    parser = subparsers.add_parser(
+        "simulate",
+        help="simulate a fleet rollout of one blob (flow-level, the real piece/peer policies)",
+        description="Discrete-event, flow-level simulation of a rollout of one blob to N nodes, "
+        "driven by the agent's piece picker and the tracker's peer handout (docs/simulator.md).",
+    )
+    add_arguments(parser)
 
 
 def _demo_parser(subparsers: Any) -> None:
@@ -202,6 +215,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_tracker(tracker_config)
         if args.command == "demo":
             return _run_demo(args)
+        if args.command == "simulate":
+            from simulations.simulator import run_from_args
+
+            return run_from_args(args)
     except ConfigError as exc:
         print(f"p2preg: {exc}", file=sys.stderr)
         return 2

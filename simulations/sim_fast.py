@@ -18,19 +18,14 @@ from p2preg.piece_picker import PiecePicker
 
 
 class PieceSet(set[int]):
-    """The pieces a node holds, with the part of the Bitfield interface the picker uses."""
+    """The pieces a node holds, with the part of the Bitfield interface the picker uses
+    (``in``, ``add``, ``len``, ``complete``; ``add``'s result, unused by the picker, is None)."""
 
     __slots__ = ("size",)
 
     def __init__(self, size: int) -> None:
         super().__init__()
         self.size = size
-
-    def add(self, index: int) -> bool:  # type: ignore[override]  # Bitfield.add returns bool
-        if index in self:
-            return False
-        set.add(self, index)
-        return True
 
     @property
     def complete(self) -> bool:
@@ -44,7 +39,7 @@ class PieceSet(set[int]):
 class FastShuffleRandom(random.Random):
     """``random.Random`` whose ``shuffle`` sorts on 32-bit keys from one ``randbytes`` call."""
 
-    def shuffle(self, x: MutableSequence[Any]) -> None:  # type: ignore[override]
+    def shuffle(self, x: MutableSequence[Any]) -> None:
         n = len(x)
         if n < 2:
             return
@@ -57,9 +52,8 @@ def install_piece_sets(picker: PiecePicker, known: PieceSet) -> PieceSet:
     """Give ``picker`` a PieceSet for its own pieces and the shared ``known`` set (the piece
     hashes published so far, the same for every node); returns the new ``have``."""
     have = PieceSet(picker.num_pieces)
-    for index in range(picker.num_pieces):
-        if index in picker.have:
-            have.add(index)
+    if len(picker.have):
+        have.update(i for i in range(picker.num_pieces) if i in picker.have)
     picker.have = have.as_bitfield()
     picker.known = known.as_bitfield()
     return have

@@ -26,6 +26,7 @@ A discrete-event, flow-level model (docs/simulator.md has the whole story):
 from __future__ import annotations
 
 import argparse
+import gc
 import heapq
 import json
 import math
@@ -33,12 +34,18 @@ import random
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any, TextIO
+from dataclasses import dataclass
+from typing import Any, TextIO, cast
 
 from p2preg.errors import ConfigError
 from p2preg.handout import HandoutLoad, PeerRecord, Requester, choose_peers
-from p2preg.metainfo import DEFAULT_PIECE_LENGTH, MAX_BLOB_SIZE, piece_count
+from p2preg.metainfo import (
+    DEFAULT_PIECE_LENGTH,
+    MAX_BLOB_SIZE,
+    MAX_PIECE_LENGTH,
+    MIN_PIECE_LENGTH,
+    piece_count,
+)
 from p2preg.piece_picker import PiecePicker
 from p2preg.units import format_size, parse_duration, parse_size
 from simulations.sim_bounds import kumar_ross_bound, zone_bound
@@ -48,7 +55,8 @@ from simulations.sim_fast import FastShuffleRandom, PieceSet, install_piece_sets
 # they still agree with agent/swarm.py, agent/peer_server.py, agent/swarm_coordinator.py and
 # p2preg/config.py).
 MAX_PEERS = 8  # download connections per blob (agent/swarm.py)
-MAX_IN_FLIGHT = 4  # requests in flight per peer (agent/swarm.py)
+MAX_IN_FLIGHT = 8  # requests in flight per peer (agent/swarm.py) ...
+MAX_IN_FLIGHT_BYTES = 8 * 1024 * 1024  # ... and at most this many bytes of them
 MAX_CONNECTIONS = 512  # connections a peer server accepts (agent/peer_server.py)
 REDIAL_BACKOFF = 2.0  # seconds before an address is dialled again (agent/swarm.py)
 ANNOUNCE_INTERVAL = 1.0  # agent/swarm_coordinator.py
@@ -60,6 +68,11 @@ LOAD_HALF_LIFE = 10.0  # TrackerConfig.load_half_life
 STALL_TIMEOUT = 3.0  # AgentConfig.swarm_stall_timeout
 PIECE_TIMEOUT = 10.0  # AgentConfig.piece_timeout
 STALL_POLL = 0.1  # the agent checks for a stalled swarm this often
+DEFAULT_PICK_COUNT = 16  # pieces asked of the picker per call
+DEFAULT_BATCH_WINDOW = 1e-3  # seconds of events merged into one batch
+DEFAULT_HANDOUT_SAMPLE: int | None = None  # all candidates, as the tracker (docs/simulator.md)
+MAX_PIECES = 1 << 16  # simulation size limits (memory: about 1 byte per node-piece, x 3)
+MAX_NODE_PIECES = 10**9
 
 PickerFactory = Callable[[int, random.Random], PiecePicker]
 HandoutPolicy = Callable[
@@ -87,18 +100,27 @@ class SimConfig:
     seed: int = 0
     # Model knobs (docs/simulator.md): pieces asked of the picker per call, events merged into
     # one batch, candidates per handout tier (None: all, as the tracker does).
-    pick_count: int = 16
-    batch_window: float = 1e-3
-    handout_sample: int | None = None
+    pick_count: int = DEFAULT_PICK_COUNT
+    batch_window: float = DEFAULT_BATCH_WINDOW
+    handout_sample: int | None = DEFAULT_HANDOUT_SAMPLE
     max_time: float | None = None  # stop here (None: 100 x the bound + 600 s)
+    fail_nodes: tuple[tuple[int, float], ...] = ()  # (node, time) failures on top of the fraction
 
     def validate(self) -> None:
         if self.nodes < 1:
             raise ConfigError("--nodes must be at least 1")
         if not 0 < self.blob_size <= MAX_BLOB_SIZE:
             raise ConfigError("--blob-size must be more than 0 and at most 1TiB")
-        if self.piece_length < 1 or self.piece_length & (self.piece_length - 1):
-            raise ConfigError("--piece-length must be a power of two")
+        if not MIN_PIECE_LENGTH <= self.piece_length <= MAX_PIECE_LENGTH or (
+            self.piece_length & (self.piece_length - 1)
+        ):
+            raise ConfigError("--piece-length must be a power of two, 64KiB..64MiB")
+        pieces = piece_count(self.blob_size, self.piece_length)
+        if pieces > MAX_PIECES or self.nodes * pieces > MAX_NODE_PIECES:
+            raise ConfigError(
+                f"{self.nodes} nodes x {pieces} pieces is too large to simulate "
+                f"(at most {MAX_PIECES} pieces and {MAX_NODE_PIECES:.0e} node-pieces)"
+            )
         for name, value in (
             ("--node-upload", self.node_upload),
             ("--node-download", self.node_download),
@@ -114,6 +136,8 @@ class SimConfig:
             raise ConfigError("--fail-fraction must be at least 0 and less than 1")
         if self.fail_window is not None and not self.fail_window > 0:
             raise ConfigError("--fail-window must be larger than zero")
+        if any(not 0 <= node < self.nodes or not at >= 0 for node, at in self.fail_nodes):
+            raise ConfigError("fail_nodes: (node, time) with 0 <= node < nodes and time >= 0")
         if self.start_spread < 0:
             raise ConfigError("--start-spread must not be negative")
         if self.pick_count < 1:
@@ -121,7 +145,7 @@ class SimConfig:
         if self.batch_window < 0:
             raise ConfigError("--batch-window must not be negative")
         if self.handout_sample is not None and self.handout_sample < HANDOUT_LIMIT:
-            raise ConfigError(f"--handout-sample must be at least {HANDOUT_LIMIT}")
+            raise ConfigError(f"--handout-sample must be 0 (all) or at least {HANDOUT_LIMIT}")
 
 
 # -- state ---------------------------------------------------------------------------------------
@@ -138,6 +162,7 @@ class _Node:
         "downloads",
         "endgame",
         "failed_at",
+        "have",
         "index",
         "last_progress",
         "n_down",
@@ -145,22 +170,23 @@ class _Node:
         "next_handout",
         "origin_conn",
         "peer_id",
-        "have",
+        "picker",
         "rated_down",
         "rated_up",
-        "picker",
         "read_pos",
         "record",
         "stamp",
         "started",
+        "state",
         "swarming",
         "up",
         "uploads",
         "wake_at",
+        "want",
         "zone",
     )
 
-    def __init__(self, index: int, zone: int, up: float, down: float) -> None:
+    def __init__(self, index: int, zone: int, up: float, down: float, picker: PiecePicker) -> None:
         self.index = index
         self.peer_id = index.to_bytes(16, "big", signed=True)
         self.zone = zone
@@ -171,8 +197,12 @@ class _Node:
         self.swarming = False  # downloads from peers (every node but a plain lease holder)
         self.died_at: float | None = None
         self.done_at: float | None = None
-        self.picker: PiecePicker | None = None
+        self.picker = picker  # a shared empty placeholder until the node starts
         self.have = PieceSet(0)
+        # Per piece: [0, n) how many connected peers hold it (the picker's availability),
+        # [n, 2n) 1 if held or requested (not fresh). One buffer: the HAVE fan-out touches both.
+        self.state = bytearray(0)
+        self.want = memoryview(self.state)
         self.read_pos = 0  # = picker.first_missing(), kept incrementally
         self.endgame = False
         self.uploads: dict[_Conn, None] = {}  # connections this node serves
@@ -205,12 +235,40 @@ class _Link:
         self.stamp = 0
 
 
+class _Tier:
+    """The tracker's records of one zone's seeders (or leechers): O(1) add, remove and random
+    access, so a sampled handout costs O(sample), not O(swarm)."""
+
+    __slots__ = ("position", "records")
+
+    def __init__(self) -> None:
+        self.records: list[PeerRecord] = []
+        self.position: dict[int, int] = {}  # node index -> place in records
+
+    def add(self, node: int, record: PeerRecord) -> None:
+        place = self.position.get(node)
+        if place is None:
+            self.position[node] = len(self.records)
+            self.records.append(record)
+        else:
+            self.records[place] = record
+
+    def remove(self, node: int) -> None:
+        place = self.position.pop(node, None)
+        if place is None:
+            return
+        last = self.records.pop()
+        if place < len(self.records):
+            self.records[place] = last
+            self.position[int.from_bytes(last.peer_id, "big", signed=True)] = place
+
+
 class _Conn:
     __slots__ = (
         "active",
-        "avail",
         "dry",
         "dst",
+        "due",
         "last",
         "link",
         "open",
@@ -221,9 +279,10 @@ class _Conn:
         "src",
         "stamp",
         "stash",
+        "state",
+        "tver",
         "ver",
-        "wants_flight",
-        "wants_have",
+        "want",
     )
 
     def __init__(self, src: _Node, dst: _Node, link: _Link | None) -> None:
@@ -236,16 +295,16 @@ class _Conn:
         self.remaining = 0.0  # bytes of the head piece still to send
         self.rate = 0.0
         self.last = 0.0  # when ``remaining`` was last brought up to date
-        self.ver = 0  # bumps on every reschedule: older heap entries are stale
+        self.ver = 0  # bumps when the pending completion event is replaced or cancelled
+        self.due = math.inf  # when the pending completion event fires (inf: none)
+        self.tver = -1  # the ver for which a timeout event is pending
         self.active = False
         self.open = True
         self.dry = False  # the last pick found nothing more to ask this peer
         self.stamp = 0
-        # The downloader's picker state, read on every HAVE (the picker mutates these in place).
-        picker = dst.picker
-        self.avail: list[int] = picker.availability if picker is not None else []
-        self.wants_have: PieceSet = dst.have
-        self.wants_flight: dict[int, int] = picker.in_flight if picker is not None else {}
+        # The downloader's availability and want flags, read on every HAVE.
+        self.state = dst.state
+        self.want = dst.want
 
 
 # event kinds
@@ -263,6 +322,7 @@ class SimResult:
     incomplete: int  # survivors that had not finished at the end (max_time or a deadlock)
     origin_bytes: int
     peer_bytes: int
+    inter_zone_bytes: int  # peer bytes that crossed from one zone to another
     end_s: float
     stats: dict[str, int]
     picker: str
@@ -303,6 +363,7 @@ class SimResult:
             "origin_bytes": self.origin_bytes,
             "origin_copies": self.origin_bytes / cfg.blob_size,
             "peer_bytes": self.peer_bytes,
+            "inter_zone_bytes": self.inter_zone_bytes,
             "links": {
                 "node_upload": cfg.node_upload,
                 "node_download": cfg.node_download,
@@ -362,16 +423,20 @@ class Simulator:
         self.dry_shortcut = _stock_pick(picker_factory)
         self.policy_rng = FastShuffleRandom(self.rng.getrandbits(64))
         self.num_pieces = piece_count(config.blob_size, config.piece_length)
-        self.piece_bytes = [
-            float(min(config.piece_length, config.blob_size - i * config.piece_length))
+        # requests in flight per peer, as agent/swarm.py bounds them
+        self.depth = max(1, min(MAX_IN_FLIGHT, MAX_IN_FLIGHT_BYTES // config.piece_length))
+        self.piece_size = [
+            min(config.piece_length, config.blob_size - i * config.piece_length)
             for i in range(self.num_pieces)
         ]
+        self.piece_bytes = [float(size) for size in self.piece_size]
         self.known = PieceSet(self.num_pieces)  # published piece hashes (shared by all)
+        placeholder = PiecePicker(0)
         self.nodes = [
-            _Node(i, i % config.zones, config.node_upload, config.node_download)
+            _Node(i, i % config.zones, config.node_upload, config.node_download, placeholder)
             for i in range(config.nodes)
         ]
-        self.origin = _Node(-1, -1, config.origin_upload, 0.0)
+        self.origin = _Node(-1, -1, config.origin_upload, 0.0, placeholder)
         for i in range(self.num_pieces):
             self.origin.have.add(i)
         self.origin.have.size = self.num_pieces
@@ -395,8 +460,8 @@ class Simulator:
                 config.inter_zone,
             )
         # tracker state: per zone, seeders and leechers in announce order
-        self.seeders: list[dict[int, PeerRecord]] = [{} for _ in range(config.zones)]
-        self.leechers: list[dict[int, PeerRecord]] = [{} for _ in range(config.zones)]
+        self.seeders = [_Tier() for _ in range(config.zones)]
+        self.leechers = [_Tier() for _ in range(config.zones)]
         self.load = HandoutLoad(LOAD_HALF_LIFE)
         self.addr = [f"node-{i}" for i in range(config.nodes)]
         self.zone_names = [f"zone-{z}" for z in range(config.zones)]
@@ -406,8 +471,10 @@ class Simulator:
         self.lease_expires = math.inf
         self.lease_check_pending = False
         # event queue and batch state
-        self.heap: list[tuple[float, int, int, Any, int]] = []
-        self.seq = 0
+        # The event queue: a heap of distinct times (floats compare fast) and, per time, its
+        # events in the order they were scheduled: (kind, object, version).
+        self.times: list[float] = []
+        self.slots: dict[float, list[tuple[int, Any, int]]] = {}
         self.now = 0.0
         self.refill: dict[_Conn, None] = {}
         self.dirty: dict[_Node, None] = {}
@@ -417,11 +484,12 @@ class Simulator:
         self.stamp = 0
         self.remaining_nodes = config.nodes  # alive and not complete
         self.origin_bytes = 0
+        self.origin_pieces = 0
         self.peer_bytes = 0
+        self.inter_zone_bytes = 0
         self.stats = {
             "events": 0,
             "batches": 0,
-            "pieces": 0,
             "picks": 0,
             "handouts": 0,
             "dials": 0,
@@ -435,20 +503,34 @@ class Simulator:
     # -- scheduling ------------------------------------------------------------------------------
 
     def _push(self, at: float, kind: int, obj: Any, ver: int = 0) -> None:
-        self.seq += 1
-        heapq.heappush(self.heap, (at, self.seq, kind, obj, ver))
+        slot = self.slots.get(at)
+        if slot is None:
+            self.slots[at] = [(kind, obj, ver)]
+            heapq.heappush(self.times, at)
+        else:
+            slot.append((kind, obj, ver))
 
     def _schedule(self, c: _Conn, now: float) -> None:
-        """(Re)schedule the head piece's completion at the current rate."""
-        c.ver += 1
+        """Make sure an event fires no later than the head piece's completion at the current
+        rate (``remaining`` and ``last`` are up to date at ``now``).
+
+        Lazily: if the pending event fires earlier than the new finish (the rate went down), it
+        stays, and ``_loop`` re-checks and re-schedules when it fires. Only a finish earlier
+        than the pending event needs a new one; this halves the heap traffic of re-rating.
+        """
         finish = now + c.remaining / c.rate
-        self.seq += 1
-        heapq.heappush(self.heap, (finish, self.seq, _PIECE, c, c.ver))
-        if c.src is not self.origin:
-            deadline = c.req_at[0] + PIECE_TIMEOUT
-            if finish > deadline:
-                self.seq += 1
-                heapq.heappush(self.heap, (deadline, self.seq, _TIMEOUT, c, c.ver))
+        if finish < c.due:
+            ver = c.ver = c.ver + 1
+            c.due = finish
+            slot = self.slots.get(finish)
+            if slot is None:
+                self.slots[finish] = [(_PIECE, c, ver)]
+                heapq.heappush(self.times, finish)
+            else:
+                slot.append((_PIECE, c, ver))
+        if c.tver != c.ver and finish > c.req_at[0] + PIECE_TIMEOUT and c.src is not self.origin:
+            c.tver = c.ver
+            self._push(c.req_at[0] + PIECE_TIMEOUT, _TIMEOUT, c, c.ver)
 
     def _wake(self, node: _Node, at: float) -> None:
         if at < node.wake_at:
@@ -469,9 +551,20 @@ class Simulator:
         window = cfg.fail_window if cfg.fail_window is not None else self.bound
         for index in rng.sample(range(cfg.nodes), failing):
             self._push(rng.uniform(0, window), _FAIL, self.nodes[index])
+        for index, at in cfg.fail_nodes:
+            self._push(at, _FAIL, self.nodes[index])
         self._push(ANNOUNCE_INTERVAL, _SWEEP, None)
         max_time = cfg.max_time if cfg.max_time is not None else 100 * self.bound + 600
-        self._loop(max_time)
+        # The run allocates millions of short-lived tuples and lists next to ~10^5 long-lived
+        # objects; the cyclic GC's passes over the latter cost 10-20% and find almost nothing
+        # (closed connections are the only cycles, collected when it is switched back on).
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            self._loop(max_time)
+        finally:
+            if was_enabled:
+                gc.enable()
         completion = [n.done_at if n.alive else None for n in self.nodes]
         alive = [n.alive for n in self.nodes]
         incomplete = sum(1 for n in self.nodes if n.alive and n.done_at is None)
@@ -485,6 +578,7 @@ class Simulator:
             incomplete=incomplete,
             origin_bytes=self.origin_bytes,
             peer_bytes=self.peer_bytes,
+            inter_zone_bytes=self.inter_zone_bytes,
             end_s=self.now,
             stats=dict(self.stats),
             picker=_name(self.picker_factory),
@@ -492,54 +586,65 @@ class Simulator:
         )
 
     def _loop(self, max_time: float) -> None:
-        heap = self.heap
+        times = self.times
+        slots = self.slots
         pop = heapq.heappop
         window = self.cfg.batch_window
         stats = self.stats
-        events = 0
+        events = 0  # other than piece completions
+        pieces = 0
         batches = 0
         progress = self.progress
         next_report = time.perf_counter() + 0.5 if progress is not None else math.inf
         piece = self._piece_done
-        while heap and self.remaining_nodes > 0:
-            first = heap[0][0]
+        inf = math.inf
+        while times and self.remaining_nodes > 0:
+            first = times[0]
             if first > max_time:
                 break
             until = first + window
             batches += 1
-            while heap and heap[0][0] <= until:
-                at, _, kind, obj, ver = pop(heap)
-                if kind == _PIECE:
-                    if ver == obj.ver:
-                        events += 1
-                        self.now = at
-                        piece(obj, at)
-                    continue
-                events += 1
+            while times and times[0] <= until:
+                at = pop(times)
                 self.now = at
-                if kind == _TIMEOUT:
-                    if ver == obj.ver and obj.open:
-                        stats["timeouts"] += 1
-                        self._close(obj, at, backoff=True)
-                elif kind == _START:
-                    self._start(obj, at)
-                elif kind == _FAIL:
-                    self._fail(obj, at)
-                elif kind == _WAKE:
-                    if obj.wake_at == at:
-                        obj.wake_at = math.inf
-                        self.dial[obj] = None
-                elif kind == _LEASE:
-                    self.lease_check_pending = False
-                    self._lease_check(at)
-                elif kind == _SWEEP:
-                    self._sweep(at)
+                for kind, obj, ver in slots.pop(at):
+                    if kind == _PIECE:
+                        if ver == obj.ver:
+                            obj.due = inf
+                            left = obj.remaining - obj.rate * (at - obj.last)
+                            if left > 1.0:  # re-rated lower since: not done yet
+                                obj.remaining = left
+                                obj.last = at
+                                self._schedule(obj, at)
+                                continue
+                            pieces += 1
+                            piece(obj, at)
+                        continue
+                    events += 1
+                    if kind == _TIMEOUT:
+                        if ver == obj.ver and obj.open:
+                            stats["timeouts"] += 1
+                            self._close(obj, at, backoff=True)
+                    elif kind == _START:
+                        self._start(obj, at)
+                    elif kind == _FAIL:
+                        self._fail(obj, at)
+                    elif kind == _WAKE:
+                        if obj.wake_at == at:
+                            obj.wake_at = inf
+                            self.dial[obj] = None
+                    elif kind == _LEASE:
+                        self.lease_check_pending = False
+                        self._lease_check(at)
+                    elif kind == _SWEEP:
+                        self._sweep(at)
             self._settle(self.now)
             if batches & 0xFF == 0 and time.perf_counter() >= next_report:
                 next_report = time.perf_counter() + 0.5
                 self._report(progress)
-        stats["events"] = events
+        stats["events"] = events + pieces
         stats["batches"] = batches
+        stats["pieces"] = pieces
         if progress is not None:
             self._report(progress)
             progress.write("\n")
@@ -579,15 +684,18 @@ class Simulator:
         for c in todo:
             c.stamp = stamp
         self.fresh = []
+        # A count that went up lowers the share of every flow using it: re-rate them now, or
+        # the resource would be over-committed. A count that went down raises the shares; the
+        # flows pick that up at their next re-rating or piece start (conservative, and cheap:
+        # most flows here carry one piece between idle spells).
         for node in self.dirty:
-            if node.n_up != node.rated_up:
-                node.rated_up = node.n_up
+            if node.n_up > node.rated_up:
                 for c in node.uploads:
                     if c.active and c.stamp != stamp:
                         c.stamp = stamp
                         todo.append(c)
-            if node.n_down != node.rated_down:
-                node.rated_down = node.n_down
+            node.rated_up = node.n_up
+            if node.n_down > node.rated_down:
                 for c in node.downloads.values():
                     if c.active and c.stamp != stamp:
                         c.stamp = stamp
@@ -596,13 +704,14 @@ class Simulator:
                 if oc is not None and oc.active and oc.stamp != stamp:
                     oc.stamp = stamp
                     todo.append(oc)
+            node.rated_down = node.n_down
         for link in self.dirty_links:
-            if link.n != link.rated_n:
-                link.rated_n = link.n
+            if link.n > link.rated_n:
                 for c in link.conns:
                     if c.stamp != stamp:
                         c.stamp = stamp
                         todo.append(c)
+            link.rated_n = link.n
         self.dirty = {}
         self.dirty_links = {}
         self.stats["rate_updates"] += len(todo)
@@ -613,9 +722,9 @@ class Simulator:
             share = dst.down / dst.n_down
             if share < rate:
                 rate = share
-            link = c.link
-            if link is not None:
-                share = link.cap / link.n
+            zone_link = c.link
+            if zone_link is not None:
+                share = zone_link.cap / zone_link.n
                 if share < rate:
                     rate = share
             if rate != c.rate:
@@ -626,6 +735,21 @@ class Simulator:
                 c.last = now
                 c.rate = rate
                 schedule(c, now)
+
+    @staticmethod
+    def _rate(c: _Conn) -> float:
+        """The flow's proportional share: the least of its sender's upload, its receiver's
+        download and its zone link, each split equally among the active flows using it."""
+        rate = c.src.up / c.src.n_up
+        share = c.dst.down / c.dst.n_down
+        if share < rate:
+            rate = share
+        link = c.link
+        if link is not None:
+            share = link.cap / link.n
+            if share < rate:
+                rate = share
+        return rate
 
     # -- flows -------------------------------------------------------------------------------------
 
@@ -650,6 +774,7 @@ class Simulator:
         c.active = False
         c.rate = 0.0
         c.ver += 1
+        c.due = math.inf
         src, dst = c.src, c.dst
         src.n_up -= 1
         dst.n_down -= 1
@@ -662,36 +787,52 @@ class Simulator:
             self.dirty_links[link] = None
 
     def _piece_done(self, c: _Conn, now: float) -> None:
-        index = c.queue.pop(0)
+        """The head piece of ``c`` arrived (the hot path: written for speed)."""
+        queue = c.queue
+        index = queue.pop(0)
         c.req_at.pop(0)
         dst = c.dst
-        self.stats["pieces"] += 1
         if c.src is self.origin:
-            self.origin_bytes += int(self.piece_bytes[index])
+            self.origin_bytes += self.piece_size[index]
+            self.origin_pieces += 1
             self.known.add(index)
             self._deliver(dst, index, now, None)
             if c.open:
                 if index + 1 < self.num_pieces:
-                    c.queue.append(index + 1)
+                    queue.append(index + 1)
                     c.req_at.append(now)
                 else:
                     self._origin_done(dst, now)
         else:
-            self.peer_bytes += int(self.piece_bytes[index])
+            self.peer_bytes += self.piece_size[index]
+            if c.src.zone != dst.zone:
+                self.inter_zone_bytes += self.piece_size[index]
             self._deliver(dst, index, now, c)
-            if c.open:
+            if c.open and (c.stash or not c.dry):
+                # (dry with an empty stash: nothing to ask until the peer announces a piece)
                 self.refill[c] = None
         if c.open:
-            if c.queue:
-                c.remaining = self.piece_bytes[c.queue[0]]
+            if queue:
+                c.remaining = self.piece_bytes[queue[0]]
                 c.last = now
+                # the current share (see _rerate), then schedule
+                src = c.src
+                rate = src.up / src.n_up
+                share = dst.down / dst.n_down
+                if share < rate:
+                    rate = share
+                link = c.link
+                if link is not None:
+                    share = link.cap / link.n
+                    if share < rate:
+                        rate = share
+                c.rate = rate
                 self._schedule(c, now)
             else:
                 self._deactivate(c)
 
     def _deliver(self, dst: _Node, index: int, now: float, via: _Conn | None) -> None:
         picker = dst.picker
-        assert picker is not None
         if via is not None:
             picker.request_ended(index)
         have = dst.have
@@ -701,6 +842,7 @@ class Simulator:
         if picker.in_flight.get(index):
             self._cancel_duplicates(dst, index, via, now)
         picker.mark_have(index)
+        dst.want[index] = 1
         dst.last_progress = now
         if index == dst.read_pos:
             pos = index + 1
@@ -710,19 +852,45 @@ class Simulator:
         # HAVE to every peer downloading from dst
         refill = self.refill
         shortcut = self.dry_shortcut
+        depth = self.depth
+        wanted = index + self.num_pieces  # its place in the want half of a node's state
         for u in dst.uploads:
-            u.avail[index] += 1
-            if index not in u.wants_have and index not in u.wants_flight:
-                if u.dry and shortcut and not u.dst.endgame:
-                    # The last pick on u took every fresh piece dst had for u.dst, so the next
-                    # would choose among exactly these: skip the O(pieces) call (see _fill).
+            state = u.state
+            state[index] += 1
+            if state[wanted]:
+                continue
+            w = u.dst
+            if u.dry and shortcut and not w.endgame:
+                # The last pick on u took every fresh piece dst had for w, so the next would
+                # choose among exactly these: skip the O(pieces) call (see _fill).
+                queue = u.queue
+                if u.stash or len(queue) >= depth:
                     u.stash.append(index)
-                else:
-                    u.dry = False
-                if len(u.queue) < MAX_IN_FLIGHT:
+                    refill[u] = None
+                    continue
+                # request it at once, as _fill would
+                wp = w.picker
+                wp.request_started(index)
+                u.want[index] = 1
+                queue.append(index)
+                u.req_at.append(now)
+                if len(queue) == 1:
+                    self._activate(u, now)
+                if len(wp.in_flight) == self.num_pieces - len(w.have):
+                    self._endgame(w)
+            else:
+                u.dry = False
+                if len(u.queue) < depth:
                     refill[u] = None
         if len(have) == self.num_pieces:
             self._complete(dst, now)
+
+    def _endgame(self, node: _Node) -> None:
+        """Every missing piece is requested somewhere: duplicates are allowed now."""
+        node.endgame = True
+        for other in node.downloads.values():
+            other.dry = False
+            self.refill[other] = None
 
     def _cancel_duplicates(self, dst: _Node, index: int, via: _Conn | None, now: float) -> None:
         """Endgame: the first copy won; cancel the other requests for it."""
@@ -732,7 +900,6 @@ class Simulator:
             position = c.queue.index(index)
             del c.queue[position]
             del c.req_at[position]
-            assert dst.picker is not None
             dst.picker.request_ended(index)
             self.refill[c] = None
             if position == 0:
@@ -744,7 +911,7 @@ class Simulator:
                     self._deactivate(c)
 
     def _fill(self, c: _Conn, now: float) -> None:
-        """Top up a connection's requests to MAX_IN_FLIGHT with the picker's choices.
+        """Top up a connection's requests to ``depth`` with the picker's choices.
 
         The picker is asked for ``pick_count`` pieces at a time; what is not requested at once
         waits in the connection's stash (re-checked before use). When the last pick returned
@@ -755,50 +922,50 @@ class Simulator:
         if not dst.alive or dst.done_at is not None:
             return
         queue = c.queue
-        room = MAX_IN_FLIGHT - len(queue)
+        room = self.depth - len(queue)
         if room <= 0:
             return
         picker = dst.picker
-        assert picker is not None
-        have = dst.have
-        in_flight = picker.in_flight
-        stash = [i for i in c.stash if i not in have and i not in in_flight]
+        want = dst.want
         chosen: list[int]
-        if c.dry and self.dry_shortcut and not dst.endgame and len(stash) <= room:
-            stash.reverse()
-            chosen, c.stash = stash, []
-        elif c.dry and self.dry_shortcut and not dst.endgame:
-            chosen = self._pick(c, room, [])
+        if c.dry and self.dry_shortcut and not dst.endgame and len(c.stash) <= room:
+            chosen = [i for i in reversed(c.stash) if not want[i]]
+            c.stash = []
         else:
-            chosen = []
-            while stash and len(chosen) < room:
-                chosen.append(stash.pop())
-            c.stash = stash
-            if len(chosen) < room and not c.dry:
-                chosen = self._pick(c, room, chosen)
+            stash = [i for i in c.stash if not want[i]]
+            if c.dry and self.dry_shortcut and not dst.endgame and len(stash) > room:
+                chosen = self._pick(c, room, [])
+            else:
+                chosen = []
+                while stash and len(chosen) < room:
+                    chosen.append(stash.pop())
+                c.stash = stash
+                if len(chosen) < room and not c.dry:
+                    chosen = self._pick(c, room, chosen)
         if not chosen:
             return
         was_idle = not queue
+        request = picker.request_started
         for index in chosen:
-            picker.request_started(index)
+            request(index)
+            want[index] = 1
             queue.append(index)
             c.req_at.append(now)
         if was_idle:
             self._activate(c, now)
+        in_flight = picker.in_flight
+        have = dst.have
         if not dst.endgame and len(in_flight) == self.num_pieces - len(have):
-            # Every missing piece is requested somewhere: endgame, duplicates allowed now.
-            dst.endgame = True
-            for other in dst.downloads.values():
-                other.dry = False
-                self.refill[other] = None
+            self._endgame(dst)
 
     def _pick(self, c: _Conn, room: int, chosen: list[int]) -> list[int]:
         """``chosen`` plus what the picker picks to fill ``room``; the surplus goes to the stash."""
         picker = c.dst.picker
-        assert picker is not None
         need = room - len(chosen)
         count = max(need, self.cfg.pick_count)
-        picks = picker.pick(c.src.have.as_bitfield(), count, c.dst.read_pos, exclude=c.queue + chosen)
+        picks = picker.pick(
+            c.src.have.as_bitfield(), count, c.dst.read_pos, exclude=c.queue + chosen
+        )
         self.stats["picks"] += 1
         rest = picks[need:]
         rest.reverse()
@@ -815,9 +982,13 @@ class Simulator:
         c = _Conn(peer, node, link)
         peer.uploads[c] = None
         node.downloads[peer.index] = c
-        assert node.picker is not None
-        node.picker.add_peer(peer.have)
-        self.refill[c] = None
+        if peer.have:
+            node.picker.add_peer(peer.have)
+            self.refill[c] = None
+        else:
+            # Nothing to pick from a peer with no pieces (any picker picks only what the peer
+            # has): wait for its HAVEs, as a pick that came back empty would.
+            c.dry = self.dry_shortcut
         return True
 
     def _close(self, c: _Conn, now: float, *, backoff: bool) -> None:
@@ -828,6 +999,7 @@ class Simulator:
             self._deactivate(c)
         c.open = False
         c.ver += 1
+        c.due = math.inf
         src, dst = c.src, c.dst
         if src is self.origin:
             dst.origin_conn = None
@@ -836,10 +1008,12 @@ class Simulator:
         del dst.downloads[src.index]
         if dst.alive and dst.done_at is None:
             picker = dst.picker
-            assert picker is not None
             picker.remove_peer(src.have)
+            want, in_flight, have = dst.want, picker.in_flight, dst.have
             for index in c.queue:
                 picker.request_ended(index)
+                if index not in in_flight and index not in have:
+                    want[index] = 0
             if c.queue:
                 dst.endgame = False
                 for other in dst.downloads.values():
@@ -860,6 +1034,9 @@ class Simulator:
         node.last_progress = now
         picker = self.picker_factory(self.num_pieces, self.policy_rng)
         node.have = install_piece_sets(picker, self.known)
+        node.state = bytearray(2 * self.num_pieces)
+        picker.availability = cast(list[int], memoryview(node.state)[: self.num_pieces])
+        node.want = memoryview(node.state)[self.num_pieces :]
         node.picker = picker
         if self.lease_holder is None and self.lease_expires == math.inf:
             # The first node to ask gets the origin-fetch lease and streams from the origin.
@@ -873,9 +1050,7 @@ class Simulator:
     def _fail(self, node: _Node, now: float) -> None:
         if not node.alive:
             return
-        if node.started and node.done_at is None:
-            self.remaining_nodes -= 1
-        elif not node.started:
+        if (node.started and node.done_at is None) or not node.started:
             self.remaining_nodes -= 1
         node.alive = False
         node.died_at = now
@@ -938,11 +1113,11 @@ class Simulator:
         old = node.record
         tiers = self.seeders if complete else self.leechers
         if old is not None:
-            (self.seeders if old.complete else self.leechers)[node.zone].pop(node.index, None)
+            (self.seeders if old.complete else self.leechers)[node.zone].remove(node.index)
         record = PeerRecord(
             node.peer_id, self.addr[node.index], self.zone_names[node.zone], complete, pieces, now
         )
-        tiers[node.zone][node.index] = record
+        tiers[node.zone].add(node.index, record)
         node.record = record
         return record
 
@@ -979,16 +1154,15 @@ class Simulator:
         total = 0
         sample = self.cfg.handout_sample
         for group in tiers:
-            size = sum(len(t) for t in group)
+            size = sum(len(t.records) for t in group)
             if size == 0:
                 continue
-            records: list[PeerRecord] = []
-            for t in group:
-                records.extend(t.values())
-            if node.index in group[0] or any(node.index in t for t in group):
+            if sample is not None and size > sample:
+                records = _sample(group, size, sample, self.rng)
+            else:
+                records = [r for t in group for r in t.records]
+            if any(node.index in t.position for t in group):
                 size -= 1
-            if sample is not None and len(records) > sample:
-                records = _sample(records, sample, self.rng)
             candidates += records
             total += size
             if total >= HANDOUT_LIMIT:
@@ -1005,12 +1179,10 @@ class Simulator:
             if node.alive:
                 if node.done_at is None and record is not None and record.pieces != len(node.have):
                     self._record(node, now)
-            elif record is not None and node.died_at is not None:
-                if now - node.died_at >= PEER_TTL:
-                    (self.seeders if record.complete else self.leechers)[node.zone].pop(
-                        node.index, None
-                    )
-                    node.record = None
+            elif record is not None and node.died_at is not None and now - node.died_at >= PEER_TTL:
+                tiers = self.seeders if record.complete else self.leechers
+                tiers[node.zone].remove(node.index)
+                node.record = None
         self.load.sweep(now)
         if self.remaining_nodes > 0:
             self._push(now + ANNOUNCE_INTERVAL, _SWEEP, None)
@@ -1075,12 +1247,13 @@ class Simulator:
             self._lease_wake(max(earliest + STALL_TIMEOUT, now + STALL_POLL))
 
 
-def _sample(records: list[PeerRecord], size: int, rng: random.Random) -> list[PeerRecord]:
-    """About ``size`` distinct records drawn uniformly (with replacement, repeats dropped), in
-    their original order: O(size) with the draws made in one C call."""
-    n = len(records)
+def _sample(group: list[_Tier], total: int, size: int, rng: random.Random) -> list[PeerRecord]:
+    """About ``size`` distinct records drawn uniformly from the tiers of ``group`` (``total``
+    records in all): with replacement, repeats dropped, O(size) with the draws in one C call."""
     draws = memoryview(rng.randbytes(4 * size)).cast("I").tolist()
-    return [records[i] for i in sorted({x % n for x in draws})]
+    places = sorted({x % total for x in draws})
+    records = group[0].records if len(group) == 1 else [r for t in group for r in t.records]
+    return [records[x] for x in places]
 
 
 def _stock_pick(factory: PickerFactory) -> bool:
@@ -1132,12 +1305,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--start-spread", metavar="DURATION", default="0", help="node starts spread over this")
     add("--seed", metavar="N", default="0", help="random seed (0)")
-    add("--pick-count", metavar="N", default="16", help="pieces asked of the picker per call")
-    add("--batch-window", metavar="DURATION", default="1ms", help="events merged per batch")
+    add(
+        "--pick-count",
+        metavar="N",
+        default=str(DEFAULT_PICK_COUNT),
+        help=f"pieces asked of the picker per call ({DEFAULT_PICK_COUNT})",
+    )
+    add(
+        "--batch-window",
+        metavar="DURATION",
+        default=f"{DEFAULT_BATCH_WINDOW * 1000:g}ms",
+        help="events this close together are handled as one batch (1ms)",
+    )
     add(
         "--handout-sample",
         metavar="N",
-        help="random sample of at most N candidates per handout tier (default: all)",
+        default="0",
+        help="give the handout a random sample of at most N candidates per tier; 0 (default): "
+        "all of them, as the tracker does (faster, but changes the rollout: docs/simulator.md)",
     )
     add("--max-time", metavar="DURATION", help="stop the simulation at this simulated time")
     add("--json", metavar="FILE", help="write the results as JSON ('-' for stdout)")
@@ -1190,11 +1375,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         seed=_int(args.seed, "--seed"),
         pick_count=_int(args.pick_count, "--pick-count"),
         batch_window=parse_duration(args.batch_window, "--batch-window"),
-        handout_sample=(
-            _int(args.handout_sample, "--handout-sample")
-            if args.handout_sample is not None
-            else None
-        ),
+        handout_sample=_int(args.handout_sample, "--handout-sample") or None,
         max_time=parse_duration(args.max_time, "--max-time") if args.max_time else None,
     )
     config.validate()
@@ -1208,8 +1389,10 @@ def _seconds(value: float | None) -> str:
 def format_summary(summary: Mapping[str, Any], wall_s: float | None = None) -> str:
     links = summary["links"]
     rows = [
-        ("nodes", f"{summary['nodes']} ({summary['failed']} failed, {summary['incomplete']} "
-         "unfinished)"),
+        (
+            "nodes",
+            f"{summary['nodes']} ({summary['failed']} failed, {summary['incomplete']} unfinished)",
+        ),
         ("blob", f"{format_size(summary['blob_bytes'])} in {summary['pieces']} pieces"),
         (
             "links",
@@ -1243,6 +1426,8 @@ def format_summary(summary: Mapping[str, Any], wall_s: float | None = None) -> s
             f"{format_size(summary['origin_bytes'])} ({summary['origin_copies']:.2f} copies)",
         )
     )
+    if summary["zones"] > 1:
+        rows.append(("between zones", format_size(summary["inter_zone_bytes"])))
     stats = summary["stats"]
     rows.append(
         (
@@ -1257,25 +1442,26 @@ def format_summary(summary: Mapping[str, Any], wall_s: float | None = None) -> s
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
-def run_from_args(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+def run_from_args(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """``p2preg simulate``: bad input raises ConfigError (one line, exit 2 in the CLI)."""
+    out = out or sys.stdout
     config = config_from_args(args)
-    started = time.perf_counter()
-    result = simulate(config, progress=sys.stderr if args.progress else None)
-    wall = time.perf_counter() - started
-    summary = result.summary()
-    if args.json:
-        text = json.dumps(summary, indent=1)
-        if args.json == "-":
-            out.write(text + "\n")
-        else:
-            try:
-                with open(args.json, "w", encoding="utf-8") as file:
-                    file.write(text + "\n")
-            except OSError as exc:
-                raise ConfigError(f"--json {args.json}: {exc.strerror or exc}") from None
+    json_file: TextIO | None = None
+    if args.json and args.json != "-":
+        try:  # before the run, so a bad path fails at once
+            json_file = open(args.json, "w", encoding="utf-8")  # noqa: SIM115
+        except OSError as exc:
+            raise ConfigError(f"--json {args.json}: {exc.strerror or exc}") from None
+    try:
+        started = time.perf_counter()
+        result = simulate(config, progress=sys.stderr if args.progress else None)
+        wall = time.perf_counter() - started
+        summary = result.summary()
+        if args.json:
+            text = json.dumps(summary, indent=1) + "\n"
+            (json_file or out).write(text)
+    finally:
+        if json_file is not None:
+            json_file.close()
     print(format_summary(summary, wall), file=sys.stderr if args.json == "-" else out)
     return 0
-
-
-def config_dict(config: SimConfig) -> dict[str, Any]:
-    return asdict(config)
