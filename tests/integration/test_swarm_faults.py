@@ -256,7 +256,7 @@ async def test_peer_with_a_corrupted_blob_is_banned_and_the_pull_succeeds(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A seeds a layer; its stored file is damaged behind its back in piece 3. B downloads from
-    A (the only peer), gets pieces 0-2, rejects piece 3, bans A, and fetches the rest from the
+    A (the only peer), gets good pieces, rejects piece 3, bans A, and fetches the rest from the
     origin once the lease is free. Nothing A sent wrong ends up in B's content."""
     caplog.set_level(logging.WARNING, "agent.swarm")
     image = image_factory("team/rotten", layer_sizes=(10 * MiB + 1, 40 * 1024))
@@ -281,12 +281,17 @@ async def test_peer_with_a_corrupted_blob_is_banned_and_the_pull_succeeds(
     assert result == expected_digests(image)
     assert seeder.peer_id in coordinator_of(puller).banned
     assert any("sent a bad piece 3" in r.getMessage() for r in caplog.records)
-    # Pieces 0-2 came from A before the bad one; the origin sent only the rest.
-    assert peer_server_of(seeder).pieces_served >= 4
+    # Good pieces came from A before the bad one (piece 0 first: the one-piece streaming window),
+    # and the origin sent only the rest, from the first byte B lacked, at a piece boundary.
+    assert peer_server_of(seeder).pieces_served >= 2
     fetches = proxy.records(f"/blobs/{big.digest}$", "GET")[fetches_before:]
     assert len(fetches) == 1, fetches
-    assert fetches[0].headers.get("range") == f"bytes={3 * MiB}-"
-    assert fetches[0].body_bytes_sent == big.size - 3 * MiB
+    requested = fetches[0].headers.get("range", "")
+    assert requested.startswith("bytes=") and requested.endswith("-"), requested
+    start = int(requested[len("bytes=") : -1])
+    assert start % MiB == 0 and MiB <= start <= 3 * MiB, requested
+    # Pieces past the bad one that B already had from A can end the origin stream early.
+    assert 0 < fetches[0].body_bytes_sent <= big.size - start
 
 
 # -- strangers on the peer port ----------------------------------------------------------------
