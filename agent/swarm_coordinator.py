@@ -271,6 +271,12 @@ class SwarmCoordinator:
                         self._fetch_rest_from_origin(nursery, download, request, downloads)
                         origin_started = True
                     last_progress_at = now
+                elif origin_started and now - last_progress_at > self._config.request_timeout:
+                    # Neither the peers nor the origin delivered anything for a whole request
+                    # timeout: fail the download (clients get an error, not an endless wait).
+                    raise RegistryError(
+                        "UNAVAILABLE", f"no peer and not the origin could deliver {digest}"
+                    )
                 with trio.move_on_after(0.1):
                     await download.wait_beyond(assembly.available)
             nursery.cancel_scope.cancel()
