@@ -59,7 +59,6 @@ class BlobAssembly:
             self.piece_length,
             partial.digest.algorithm,
             self._piece_hashed,
-            lambda offset: None,
         )
 
     # -- origin bytes (sequential) -------------------------------------------------------------

@@ -150,13 +150,11 @@ class PrefixHasher(_Worker):
         piece_length: int,
         algorithm: str,
         on_piece: Callable[[int, bytes], None],
-        on_hashed: Callable[[int], None],
     ) -> None:
         self.sha = hashlib.new(algorithm)
         self._size = size
         self._piece_length = piece_length
         self._on_piece = on_piece
-        self._on_hashed = on_hashed
         self._map = mmap.mmap(fd, size, prot=mmap.PROT_READ) if size else None
         self.hashed = 0
         super().__init__("p2preg-hash")
@@ -199,7 +197,6 @@ class PrefixHasher(_Worker):
 
     def _hashed_to(self, offset: int) -> None:
         self.hashed = offset
-        self._on_hashed(offset)
         self._notify()
 
     async def wait_hashed(self, offset: int) -> None:

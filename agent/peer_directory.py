@@ -21,8 +21,7 @@ from dataclasses import dataclass
 
 import trio
 
-from agent.peer_link import PeerGone, PeerLink
-from agent.swarm import PeerIdentity
+from agent.peer_link import PeerGone, PeerIdentity, PeerLink
 from p2preg.digest import Digest
 from p2preg.errors import LocalProtocolError, RemoteProtocolError
 from p2preg.metainfo import MetaInfo
@@ -111,15 +110,7 @@ class PeerDirectory:
         banned: set[bytes],
         need_meta: Callable[[], bool],
     ) -> tuple[bool, MetaInfo | None]:
-        host, _, port = address.rpartition(":")
-        link = await PeerLink.dial(
-            (host.strip("[]"), int(port)),
-            self._identity.peer_id,
-            self._identity.secret,
-            self._identity.upload,
-            self._identity.download,
-            connect_timeout=CONNECT_TIMEOUT,
-        )
+        link = await self._identity.dial(address, connect_timeout=CONNECT_TIMEOUT)
         try:
             if link.peer_id == self._identity.peer_id or link.peer_id in banned:
                 return False, None

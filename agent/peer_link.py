@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from dataclasses import dataclass
 
 import trio
 
@@ -169,6 +170,34 @@ class PeerLink:
             await trio.aclose_forcefully(self.stream)
 
 
+@dataclass(frozen=True, slots=True)
+class PeerIdentity:
+    """Who this agent is on the peer wire, and the rate limits its connections share."""
+
+    peer_id: bytes
+    secret: bytes
+    upload: RateLimiter
+    download: RateLimiter
+
+    async def dial(self, address: str, *, connect_timeout: float = 5.0) -> PeerLink:
+        """Connect to ``host:port`` (as a tracker or discovery advertises it) and handshake."""
+        host, _, port = address.rpartition(":")
+        try:
+            target = (host.strip("[]"), int(port))
+        except ValueError:
+            raise PeerGone(f"bad peer address {address!r}") from None
+        link = await PeerLink.dial(
+            target,
+            self.peer_id,
+            self.secret,
+            self.upload,
+            self.download,
+            connect_timeout=connect_timeout,
+        )
+        link.address = address
+        return link
+
+
 def _peer_address(stream: trio.SocketStream) -> str:
     try:
         host, port = stream.socket.getpeername()[:2]
@@ -196,4 +225,4 @@ def load_peer_id(data_dir: str) -> bytes:
     return value
 
 
-__all__ = ["PeerGone", "PeerLink", "RemoteProtocolError", "load_peer_id"]
+__all__ = ["PeerGone", "PeerIdentity", "PeerLink", "RemoteProtocolError", "load_peer_id"]

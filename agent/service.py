@@ -18,10 +18,9 @@ from agent.docker_config import load_docker_config
 from agent.manifest_service import ManifestService
 from agent.origin_client import OriginClient
 from agent.peer_directory import PeerDirectory
-from agent.peer_link import load_peer_id
+from agent.peer_link import PeerIdentity, load_peer_id
 from agent.peer_server import PeerServer
 from agent.registry_api import RegistryEndpoint
-from agent.swarm import PeerIdentity
 from agent.swarm_coordinator import SwarmCoordinator
 from p2preg.cluster_auth import parse_cluster_secret
 from p2preg.config import AgentConfig, TrackerConfig
@@ -164,8 +163,6 @@ async def run_agent(
                     lambda digest: coordinator.active_source(downloads, digest)
                 )
                 nursery.start_soon(coordinator.seed_forever, store.digests, store.read_metainfo)
-            elif peer_server is not None:
-                peer_server.set_active_sources(lambda digest: None)
             manifests = ManifestService(config, store, origin)
             if coordinator is not None:
                 manifests.downloads = downloads

@@ -23,13 +23,12 @@ from dataclasses import dataclass, field
 import trio
 
 from agent.assembly import BlobAssembly
-from agent.peer_link import PeerGone, PeerLink
+from agent.peer_link import PeerGone, PeerIdentity, PeerLink
 from p2preg.bitfield import Bitfield
 from p2preg.digest import Digest
 from p2preg.errors import LocalProtocolError, RemoteProtocolError
 from p2preg.metainfo import MetaInfo
 from p2preg.piece_picker import PiecePicker
-from p2preg.token_bucket import RateLimiter
 from p2preg.wire import (
     BitfieldMsg,
     Cancel,
@@ -62,14 +61,6 @@ class _Peer:
     meta_asked: bool = False
     refused: dict[int, float] = field(default_factory=dict)  # piece -> when it said no
     counted: bool = False  # its bits are in the picker's availability
-
-
-@dataclass(frozen=True, slots=True)
-class PeerIdentity:
-    peer_id: bytes
-    secret: bytes
-    upload: RateLimiter
-    download: RateLimiter
 
 
 class Swarm:
@@ -156,16 +147,8 @@ class Swarm:
     async def _peer_task(self, address: str) -> None:
         peer: _Peer | None = None
         try:
-            host, _, port = address.rpartition(":")
-            link = await PeerLink.dial(
-                (host.strip("[]"), int(port)),
-                self._identity.peer_id,
-                self._identity.secret,
-                self._identity.upload,
-                self._identity.download,
-            )
+            link = await self._identity.dial(address)
             self._dialing.discard(address)
-            link.address = address
             if link.peer_id in self._banned or link.peer_id in self.peers:
                 await link.aclose()
                 return

@@ -33,8 +33,9 @@ import trio
 from agent.blob_downloads import BlobDownloads, Download
 from agent.origin_client import OriginRequest
 from agent.peer_directory import PeerDirectory
+from agent.peer_link import PeerIdentity
 from agent.peer_server import PeerServer, PieceSource
-from agent.swarm import PeerIdentity, Swarm
+from agent.swarm import Swarm
 from p2preg.config import AgentConfig
 from p2preg.digest import Digest
 from p2preg.errors import RegistryError, TrackerUnavailable
@@ -67,7 +68,6 @@ class SwarmCoordinator:
         self._addr = advertise_addr
         self._peer_server = peer_server
         self.banned: set[bytes] = set()
-        self._swarms: dict[Digest, Swarm] = {}
         self._publishers: dict[Digest, bytes] = {}
         # Blobs this agent is fetching from the origin for the swarm right now.
         self._origin_fetches: set[Digest] = set()
@@ -119,10 +119,7 @@ class SwarmCoordinator:
             return
         if lease is not None:
             self._publishers[digest] = lease.holder
-        try:
-            await self._fetch_from_swarm(download, request, downloads, metainfo)
-        finally:
-            self._swarms.pop(digest, None)
+        await self._fetch_from_swarm(download, request, downloads, metainfo)
 
     async def _fetch_without_tracker(
         self, download: Download, request: OriginRequest, downloads: BlobDownloads
@@ -140,12 +137,9 @@ class SwarmCoordinator:
             await downloads.fetch_from_origin(download, request)
             return
         log.info("fetching %s from %d discovered peer(s)", digest, len(holders.addresses))
-        try:
-            await self._fetch_from_swarm(
-                download, request, downloads, holders.metainfo, holders=holders.addresses
-            )
-        finally:
-            self._swarms.pop(digest, None)
+        await self._fetch_from_swarm(
+            download, request, downloads, holders.metainfo, holders=holders.addresses
+        )
 
     async def _fetch_as_origin_fetcher(
         self,
@@ -239,7 +233,6 @@ class SwarmCoordinator:
         swarm.learn_metainfo(metainfo)
         if holders:
             swarm.add_addresses(holders)
-        self._swarms[digest] = swarm
         download.piece_listeners.append(swarm.local_piece)
         origin_started = False
         async with trio.open_nursery() as nursery:

@@ -31,8 +31,8 @@ from pathlib import Path
 import httpx
 import trio
 
-from p2preg.token_bucket import TokenBucket
 from p2preg.units import format_size
+from simulations.bench_swarm import OriginRelay
 
 MiB = 1024 * 1024
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -233,53 +233,6 @@ async def push_image(origin: str, image: Image) -> None:
 # -- a throttling relay in front of the origin -------------------------------------------------
 
 
-class ThrottledRelay:
-    """TCP relay capping the origin's upload (all connections share one token bucket) and
-    counting the bytes the origin served."""
-
-    def __init__(self, upstream_port: int, rate: int) -> None:
-        self.upstream_port = upstream_port
-        self.bucket = TokenBucket(rate, burst=256 * 1024, now=trio.current_time())
-        self.bytes_served = 0
-
-    async def serve(
-        self, port: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
-        async with trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners, self._handle, listeners)
-            task_status.started()
-
-    async def _handle(self, client: trio.SocketStream) -> None:
-        try:
-            upstream = await trio.open_tcp_stream("127.0.0.1", self.upstream_port)
-        except OSError:
-            await client.aclose()
-            return
-        async with client, upstream, trio.open_nursery() as nursery:
-            nursery.start_soon(self._pump, client, upstream, False, nursery)
-            nursery.start_soon(self._pump, upstream, client, True, nursery)
-
-    async def _pump(
-        self,
-        source: trio.SocketStream,
-        sink: trio.SocketStream,
-        throttle: bool,
-        nursery: trio.Nursery,
-    ) -> None:
-        try:
-            while data := await source.receive_some(64 * 1024):
-                if throttle:
-                    wait = self.bucket.take(len(data), trio.current_time())
-                    if wait:
-                        await trio.sleep(wait)
-                    self.bytes_served += len(data)
-                await sink.send_all(data)
-            await sink.send_eof()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            nursery.cancel_scope.cancel()
-
-
 # -- pulling -----------------------------------------------------------------------------------
 
 
@@ -292,9 +245,9 @@ class Pull:
     error: str | None = None
 
 
-async def pull(registry: str, image: Image, state: Pull, rate: int | None) -> None:
-    """Manifest then blobs, as a client pulls; every byte checked against its digest."""
-    bucket = TokenBucket(rate, burst=256 * 1024, now=trio.current_time()) if rate else None
+async def pull(registry: str, image: Image, state: Pull) -> None:
+    """Manifest then blobs, as a client pulls; every byte checked against its digest.
+    Links are paced by the agents' limits and the origin relay, not by the client."""
     state.started = trio.current_time()
     try:
         async with httpx.AsyncClient(base_url=registry, timeout=120, trust_env=False) as client:
@@ -311,10 +264,6 @@ async def pull(registry: str, image: Image, state: Pull, rate: int | None) -> No
                     async for chunk in response.aiter_raw():
                         hasher.update(chunk)
                         state.received += len(chunk)
-                        if bucket is not None:
-                            wait = bucket.take(len(chunk), trio.current_time())
-                            if wait:
-                                await trio.sleep(wait)
                 if "sha256:" + hasher.hexdigest() != blob.digest:
                     raise RuntimeError(f"{blob.digest[:19]} arrived corrupted")
         state.finished = trio.current_time()
@@ -332,13 +281,11 @@ def progress_line(pulls: list[Pull], total: int, label: str) -> str:
     return f"\r  {label}: " + "  ".join(cells) + "   "
 
 
-async def run_pulls(
-    label: str, registries: list[str], image: Image, client_rate: int | None
-) -> list[Pull]:
+async def run_pulls(label: str, registries: list[str], image: Image) -> list[Pull]:
     pulls = [Pull(f"node{i + 1}") for i in range(len(registries))]
     async with trio.open_nursery() as nursery:
         for registry, state in zip(registries, pulls, strict=True):
-            nursery.start_soon(pull, registry, image, state, client_rate)
+            nursery.start_soon(pull, registry, image, state)
         while any(p.finished is None and p.error is None for p in pulls):
             print(progress_line(pulls, image.size, label), end="", flush=True)
             await trio.sleep(0.2)
@@ -370,7 +317,7 @@ async def run_demo(options: DemoOptions) -> int:
             f"p2preg demo: {options.nodes} nodes pull a {len(image.layers)}-layer image of "
             f"{format_size(image.size)} at once"
         )
-        origin_port, relay_port = free_port(), free_port()
+        origin_port = free_port()
         write_layout(image, work / "layout")
         kind = start_origin(procs, work, origin_port)
         await wait_http(f"http://127.0.0.1:{origin_port}/v2/")
@@ -394,62 +341,62 @@ async def run_demo(options: DemoOptions) -> int:
             ],
             work / "tracker.log",
         )
-        relay = ThrottledRelay(origin_port, options.origin_rate)
-        rate = f"{options.node_rate}"
-        agents, logs = [], []
-        for index in range(options.nodes):
-            registry_port, peer_port = free_port(), free_port()
-            log = work / f"agent{index + 1}.log"
-            procs.start(
-                [
-                    sys.executable,
-                    "-m",
-                    "p2preg",
-                    "agent",
-                    "--registry-addr",
-                    f"127.0.0.1:{registry_port}",
-                    "--peer-addr",
-                    f"127.0.0.1:{peer_port}",
-                    "--tracker",
-                    f"http://127.0.0.1:{tracker_port}",
-                    "--cluster-secret-file",
-                    str(secret),
-                    "--upstream",
-                    f"http://127.0.0.1:{relay_port}",
-                    "--data-dir",
-                    str(work / f"agent{index + 1}"),
-                    "--upload-limit",
-                    rate,
-                    "--download-limit",
-                    rate,
-                    "--piece-length",
-                    "1MiB",
-                    "--log-level",
-                    "info",
-                ],
-                log,
-            )
-            agents.append(f"http://127.0.0.1:{registry_port}")
-            logs.append(log)
-        print(f"  origin: {kind}, upload capped at {format_size(options.origin_rate)}/s")
-        print(
-            f"  nodes: {options.nodes} agents + a tracker, each node capped at "
-            f"{format_size(options.node_rate)}/s up and down"
-        )
+        # The same relay bench_swarm uses: the origin's upload capped for everyone together,
+        # each connection at a node's download rate, and the origin's bytes counted.
+        relay = OriginRelay(origin_port, options.origin_rate, options.node_rate)
         async with trio.open_nursery() as nursery:
-            await nursery.start(relay.serve, relay_port)
+            relay_port = await nursery.start(relay.serve)
+            rate = f"{options.node_rate}"
+            agents, logs = [], []
+            for index in range(options.nodes):
+                registry_port, peer_port = free_port(), free_port()
+                log = work / f"agent{index + 1}.log"
+                procs.start(
+                    [
+                        sys.executable,
+                        "-m",
+                        "p2preg",
+                        "agent",
+                        "--registry-addr",
+                        f"127.0.0.1:{registry_port}",
+                        "--peer-addr",
+                        f"127.0.0.1:{peer_port}",
+                        "--tracker",
+                        f"http://127.0.0.1:{tracker_port}",
+                        "--cluster-secret-file",
+                        str(secret),
+                        "--upstream",
+                        f"http://127.0.0.1:{relay_port}",
+                        "--data-dir",
+                        str(work / f"agent{index + 1}"),
+                        "--upload-limit",
+                        rate,
+                        "--download-limit",
+                        rate,
+                        "--piece-length",
+                        "1MiB",
+                        "--log-level",
+                        "info",
+                    ],
+                    log,
+                )
+                agents.append(f"http://127.0.0.1:{registry_port}")
+                logs.append(log)
+            print(f"  origin: {kind}, upload capped at {format_size(options.origin_rate)}/s")
+            print(
+                f"  nodes: {options.nodes} agents + a tracker, each node capped at "
+                f"{format_size(options.node_rate)}/s up and down"
+            )
             for url in [f"http://127.0.0.1:{tracker_port}/healthz", *[a + "/v2/" for a in agents]]:
                 await wait_http(url)
-            p2p = await run_pulls("through p2preg", agents, image, None)
-            p2p_origin = relay.bytes_served
-            relay.bytes_served = 0
+            p2p = await run_pulls("through p2preg", agents, image)
+            p2p_origin = relay.bytes_from_origin
             direct = await run_pulls(
                 "straight from the origin",
                 [f"http://127.0.0.1:{relay_port}"] * options.nodes,
                 image,
-                options.node_rate,
             )
-            direct_origin = relay.bytes_served
+            direct_origin = relay.bytes_from_origin - p2p_origin
             nursery.cancel_scope.cancel()
         return report(options, image, p2p, direct, p2p_origin, direct_origin, logs)
     finally:

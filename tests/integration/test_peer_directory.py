@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from agent.peer_directory import PeerDirectory
-from agent.swarm import PeerIdentity
+from agent.peer_link import PeerIdentity
 from p2preg.digest import Digest
 from p2preg.token_bucket import RateLimiter
 
