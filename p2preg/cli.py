@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     _tracker_parser(subparsers)
     _demo_parser(subparsers)
     _simulate_parser(subparsers)
+    _emulate_parser(subparsers)
     return parser
 
 
@@ -145,6 +146,19 @@ def _simulate_parser(subparsers: Any) -> None:
         help="simulate a fleet rollout of one blob (flow-level, the real piece/peer policies)",
         description="Discrete-event, flow-level simulation of a rollout of one blob to N nodes, "
         "driven by the agent's piece picker and the tracker's peer handout (docs/simulator.md).",
+    )
+    add_arguments(parser)
+
+
+def _emulate_parser(subparsers: Any) -> None:
+    from simulations.emulator import add_arguments
+
+    parser = subparsers.add_parser(
+        "emulate",
+        help="emulate a rollout with real processes on shaped links, against baselines",
+        description="A real origin, tracker and N agents (network namespaces with tbf when run "
+        "as root, rate limits otherwise) pulling one image at once, against direct pulls and a "
+        "BitTorrent swarm on the same links (docs/rollouts.md).",
     )
     add_arguments(parser)
 
@@ -219,6 +233,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from simulations.simulator import run_from_args
 
             return run_from_args(args)
+        if args.command == "emulate":
+            from simulations.emulator import run_from_args as emulate_from_args
+
+            return emulate_from_args(args)
     except ConfigError as exc:
         print(f"p2preg: {exc}", file=sys.stderr)
         return 2
