@@ -96,6 +96,7 @@ class PeerServer:
         self._connections = 0
         self.pieces_served = 0
         self.bytes_served = 0
+        self.refusals = 0  # super-seeding refusals
 
     def set_active_sources(self, lookup: SourceLookup) -> None:
         """Where to find blobs that are still downloading (BlobDownloads)."""
@@ -241,6 +242,7 @@ class PeerServer:
             # window of 0.3 s 17.8 s, 1 s 9.9-11.6 s, 3 s 7.6-7.8 s, 10 s 7.5 s. A peer that
             # got the piece and left frees it at once (only live links count).
             await link.send(Reject(request.digest, request.index, "fetch it from a peer"))
+            self.refusals += 1
             return
         self._recent_serves[key] = (trio.current_time(), link)
         offset, length = source.metainfo.span(request.index)

@@ -86,9 +86,9 @@ async def run_agent(
     )
     origin = OriginClient(config, credentials)
     tracker: TrackerClient | None = None
+    peer_server: PeerServer | None = None
     try:
         async with trio.open_nursery() as nursery:
-            peer_server: PeerServer | None = None
             coordinator: SwarmCoordinator | None = None
             peer_id, peer_port, embedded_url = b"", 0, ""
             if config.p2p_enabled:
@@ -187,6 +187,13 @@ async def run_agent(
                 )
             )
     finally:
+        if peer_server is not None:
+            log.info(
+                "peer server: served %d pieces (%d bytes), refused %d (super-seeding)",
+                peer_server.pieces_served,
+                peer_server.bytes_served,
+                peer_server.refusals,
+            )
         with trio.CancelScope(shield=True):
             await origin.aclose()
             if tracker is not None:

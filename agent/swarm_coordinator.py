@@ -274,6 +274,11 @@ class SwarmCoordinator:
                     await download.wait_beyond(assembly.available)
             nursery.cancel_scope.cancel()
         download.bytes_from_peers = swarm.bytes_from_peers
+        log.info(
+            "swarm for %s done: %s",
+            digest,
+            ", ".join(f"{key} {value}" for key, value in sorted(swarm.stats.items())),
+        )
 
     async def _take_over_origin(
         self,

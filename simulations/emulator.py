@@ -263,6 +263,8 @@ class SystemResult:
     clients: dict[str, str] = field(default_factory=dict)
     failed: str | None = None
     cpu_busy: float | None = None  # mean machine-wide busy share during the pulls
+    # netns only: frame bytes each node's link carried during the pulls, (sent, received)
+    link_bytes: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def times(self) -> list[float | None]:
@@ -390,7 +392,7 @@ class Emulation:
             for agent in agents:
                 agent.wait_ready()
             say(f"p2preg: tracker and {len(agents)} agents ready; {len(agents)} pulls start")
-            before = testbed.origin_counters()
+            before, links_before = testbed.origin_counters(), testbed.link_counters()
             monitor = CpuMonitor(
                 {"agents": [a.pid for a in agents], "origin": [testbed.origin.pid]}
             )
@@ -402,6 +404,12 @@ class Emulation:
             )
             result.origin_egress = egress.samples
             result.cpu_busy = monitor.finish().machine_busy
+            links_after = testbed.link_counters()
+            result.link_bytes = {
+                name: (sent - links_before[name][0], received - links_before[name][1])
+                for name, (sent, received) in links_after.items()
+                if name in links_before
+            }
             node_results = [NodeResult(a.node.name) for a in agents]
             wait_committed(agents, node_results, self.image.layer)
             time.sleep(LOG_SETTLE)
@@ -653,6 +661,13 @@ class Report:
                 )
             for note in result.notes:
                 lines.append(f"{result.system}: {note}")
+            if result.link_bytes:
+                f = self.caps.blob_size
+                cells = ", ".join(
+                    f"{name} {sent / f:.2f}/{received / f:.2f}"
+                    for name, (sent, received) in result.link_bytes.items()
+                )
+                lines.append(f"{result.system} link bytes sent/received, in blobs: {cells}")
         lines.append(f"clients: {', '.join(f'{k} {v}' for k, v in self.clients.items())}")
         lines.append(f"1-min load before the run: {self.load_before:.2f}; wall {self.wall_s:.0f} s")
         return "\n".join(lines)
@@ -671,6 +686,7 @@ class Report:
                 notes=result.notes,
                 clients=result.clients,
                 cpu_busy=result.cpu_busy,
+                link_bytes=result.link_bytes,
             )
             systems[result.system] = entry
         p2p = systems.get("p2preg", {})
