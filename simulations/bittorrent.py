@@ -120,6 +120,7 @@ from simulations.netns import (
     Namespace,
     NetnsLab,
     Tbf,
+    Terminated,
     deferred_signals,
     netns_unavailable_reason,
     termination_raises,
@@ -181,6 +182,7 @@ class BtResult:
     upload_bytes: dict[str, int] = field(default_factory=dict)  # every host's uploadLength
     download_bytes: dict[str, int] = field(default_factory=dict)  # leecher's verified bytes
     setup_s: float = 0.0  # tracker up + seeder verified and registered (not rollout time)
+    cpu_s: dict[str, float] = field(default_factory=dict)  # every aria2c's user+system CPU
 
 
 # --- torrent -------------------------------------------------------------------------------------
@@ -493,6 +495,16 @@ class _Node:
             return False
         return completed is None or int(status["completedLength"]) == completed
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of this aria2c so far (``ip netns exec`` execs in place, so
+        the child's pid is aria2c's), from /proc; 0.0 if unreadable."""
+        pid = self.child.pid if self.child is not None else None
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def check_alive(self) -> None:
         if self.child is not None and self.child.exited() is not None:
             raise BitTorrentError(
@@ -639,7 +651,9 @@ def run_bittorrent(
         # Counters before anything stops (aria2's counters die with it).
         upload_bytes: dict[str, int] = {}
         download_bytes: dict[str, int] = {}
+        cpu_s: dict[str, float] = {}
         for node in nodes:
+            cpu_s[node.host.name] = node.cpu_seconds()
             status = node.status()
             upload_bytes[node.host.name] = int(status["uploadLength"])
             if node.index:
@@ -680,6 +694,7 @@ def run_bittorrent(
         upload_bytes=upload_bytes,
         download_bytes=download_bytes,
         setup_s=setup_s,
+        cpu_s=cpu_s,
     )
 
 
@@ -936,6 +951,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BitTorrentError as exc:
             say(f"error: {exc}")
             return 1
+        except (KeyboardInterrupt, Terminated) as exc:
+            say(f"interrupted ({str(exc) or 'Ctrl-C'}): every process and namespace removed")
+            return 130
     times = [value for value in result.completion_s.values() if value is not None]
     summary = {
         "nodes": args.nodes,
@@ -969,6 +987,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"seeder uploaded {result.seeder_upload_bytes / MiB:.1f} MiB "
         f"({result.seeder_upload_bytes / size:.2f} copies); leechers to each other "
         f"{result.peer_upload_bytes / MiB:.1f} MiB; setup {result.setup_s:.1f} s; "
+        f"aria2c CPU {sum(result.cpu_s.values()):.1f} s in all; "
         f"load {load_before} -> {summary['loadavg_after']}; "
         + ", ".join(f"{tool} {version}" for tool, version in result.clients.items())
     )
