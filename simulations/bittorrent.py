@@ -782,7 +782,11 @@ def _watch(
                 if completion[name] is not None:
                     have += blob_size
                     continue
-                status = node.status()
+                try:
+                    status = node.status()
+                except (OSError, http.client.HTTPException) as exc:  # busy machine: next round
+                    notes.append(f"{name}: a progress poll failed at {now - t0:.1f}s: {exc}")
+                    continue
                 have += int(status["completedLength"])
                 if status["completedLength"] == str(blob_size):
                     rpc_done_at.setdefault(name, now)
