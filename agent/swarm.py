@@ -212,6 +212,7 @@ class Swarm:
                 # Not from this peer for a while (it may want us to get it from another).
                 peer.refused[event.index] = trio.current_time()
                 self.stats["refusals"] += 1
+                log.debug("refused %d by %s", event.index, peer.link.address)
             elif isinstance(event, Meta) and event.metainfo.digest == self.digest:
                 peer.meta_asked = False
                 self.learn_metainfo(event.metainfo)
@@ -244,6 +245,7 @@ class Swarm:
             raise PeerGone("banned for a bad piece")
         self.bytes_from_peers += len(event.data)
         self.stats["pieces"] += 1
+        log.debug("piece %d of %s from %s", index, self.digest, peer.link.address)
         self.picker.mark_have(index)  # also ends every request for it, ours included
         for other in list(self.peers.values()):
             if other is not peer and index in other.in_flight:
@@ -284,6 +286,8 @@ class Swarm:
             peer.in_flight[index] = now
             self.picker.request_started(index)
         self.stats["requests"] += len(chosen)
+        if chosen:
+            log.debug("requested %s of %s from %s", chosen, self.digest, peer.link.address)
         for index in chosen:
             await peer.link.send(Request(self.digest, index))
 

@@ -65,6 +65,7 @@ from simulations.bench_registry import (
     start_origin,
     write_random_blob,
 )
+from simulations import bench_swarm
 from simulations.bench_swarm import (
     MAX_NODES,
     ORIGIN_IP,
@@ -263,6 +264,7 @@ class SystemResult:
     clients: dict[str, str] = field(default_factory=dict)
     failed: str | None = None
     cpu_busy: float | None = None  # mean machine-wide busy share during the pulls
+    cpu_detail: str = ""  # who used the CPU (ours by role, the busiest others)
     # netns only: frame bytes each node's link carried during the pulls, (sent, received)
     link_bytes: dict[str, tuple[int, int]] = field(default_factory=dict)
 
@@ -403,7 +405,9 @@ class Emulation:
                 targets, self.image, timeout, [], monitor, egress := self.sampler(), "p2preg"
             )
             result.origin_egress = egress.samples
-            result.cpu_busy = monitor.finish().machine_busy
+            cpu = monitor.finish()
+            result.cpu_busy = cpu.machine_busy
+            result.cpu_detail = cpu.describe()
             links_after = testbed.link_counters()
             result.link_bytes = {
                 name: (sent - links_before[name][0], received - links_before[name][1])
@@ -659,6 +663,8 @@ class Report:
                     f"{result.system}: the machine's CPUs were {result.cpu_busy:.0%} busy during "
                     "the pulls: the CPU, not only the links, may have set the pace"
                 )
+            if result.cpu_detail:
+                lines.append(f"{result.system} CPU: {result.cpu_detail}")
             for note in result.notes:
                 lines.append(f"{result.system}: {note}")
             if result.link_bytes:
@@ -686,6 +692,7 @@ class Report:
                 notes=result.notes,
                 clients=result.clients,
                 cpu_busy=result.cpu_busy,
+                cpu_detail=result.cpu_detail,
                 link_bytes=result.link_bytes,
             )
             systems[result.system] = entry
@@ -879,6 +886,7 @@ def emulate(options: Options) -> Report:
         secret_file = work / "cluster-secret"
         secret_file.write_text(secrets.token_hex(32) + "\n")
         setup = Setup(work, layer, caps, secret_file, agent_env(None))
+        bench_swarm.PIECE_LENGTH = str(options.piece_length)  # the agents' --piece-length
         emulation = Emulation(setup, testbed, image, layer.path)
         results: list[SystemResult] = []
         measures: list[tuple[str, Callable[[], SystemResult]]] = [
