@@ -183,6 +183,7 @@ class BtResult:
     download_bytes: dict[str, int] = field(default_factory=dict)  # leecher's verified bytes
     setup_s: float = 0.0  # tracker up + seeder verified and registered (not rollout time)
     cpu_s: dict[str, float] = field(default_factory=dict)  # every aria2c's user+system CPU
+    t0_monotonic: float = 0.0  # time.monotonic() at t = 0, to align the caller's own samples
 
 
 # --- torrent -------------------------------------------------------------------------------------
@@ -555,6 +556,7 @@ def run_bittorrent(
 ) -> BtResult:
     """Distribute ``blob_path`` from ``seeder`` to every leecher with aria2c + opentracker.
 
+    ``progress`` gets one-line messages without a prefix ("n3 complete at 14.51s").
     See the module docstring for what is measured and how. ``work`` gets one directory per
     host (logs included) and may be removed afterwards. Raises BitTorrentError if setup fails or
     a completed file's sha256 differs from the blob's; leechers not done within ``deadline_s``
@@ -580,7 +582,7 @@ def run_bittorrent(
     torrent = work / "blob.torrent"
     torrent.write_bytes(torrent_bytes)
     pieces = math.ceil(blob_size / piece_length)
-    say(f"bittorrent: torrent {info_hash.hex()} ({pieces} pieces of {piece_length} B)")
+    say(f"torrent {info_hash.hex()} ({pieces} pieces of {piece_length} B)")
 
     nodes = [_Node(seeder, 0, work)] + [
         _Node(host, index, work) for index, host in enumerate(leechers, start=1)
@@ -590,7 +592,7 @@ def run_bittorrent(
         tracker_child = _start_tracker(work, tracker, tracker_port, info_hash, lifetime)
         children.append(tracker_child)
         _wait_tracker(tracker, tracker_port, info_hash, tracker_child)
-        say(f"bittorrent: opentracker on {tracker.ip}:{tracker_port}")
+        say(f"opentracker on {tracker.ip}:{tracker_port}")
 
         seed = nodes[0]
         shutil.copyfile(blob_path, seed.dir / blob_path.name)
@@ -613,7 +615,7 @@ def run_bittorrent(
             seed.check_alive,
         )
         _wait("seeder registered at the tracker", READY_TIMEOUT, registered, seed.check_alive)
-        say(f"bittorrent: seeder verified and registered ({time.monotonic() - setup_started:.1f}s)")
+        say(f"seeder verified and registered ({time.monotonic() - setup_started:.1f}s)")
 
         for node in nodes[1:]:
             node.start(
@@ -643,7 +645,7 @@ def run_bittorrent(
         skew = time.monotonic() - t0
         for node in nodes[1:]:
             node.rpc.receive()
-        say(f"bittorrent: {len(leechers)} leechers started (within {skew * 1000:.1f} ms)")
+        say(f"{len(leechers)} leechers started (within {skew * 1000:.1f} ms)")
         notes.append(f"all leechers unpaused within {skew * 1000:.1f} ms of t = 0")
 
         completion = _watch(nodes[1:], blob_size, t0_wall, t0, deadline_s, say, notes)
@@ -695,6 +697,7 @@ def run_bittorrent(
         download_bytes=download_bytes,
         setup_s=setup_s,
         cpu_s=cpu_s,
+        t0_monotonic=t0,
     )
 
 
@@ -765,13 +768,13 @@ def _watch(
             if completion[name] is None and node.done_file.exists():
                 stamp = float(node.done_file.read_text().strip())
                 completion[name] = max(0.0, stamp - t0_wall)
-                say(f"bittorrent: {name} complete at {completion[name]:.2f}s")
+                say(f"{name} complete at {completion[name]:.2f}s")
         if all(value is not None for value in completion.values()):
             return completion
         if now - t0 >= deadline_s:
             late = [name for name, value in completion.items() if value is None]
             notes.append(f"not complete within the deadline of {deadline_s:.0f}s: {late}")
-            say(f"bittorrent: deadline {deadline_s:.0f}s passed; incomplete: {late}")
+            say(f"deadline {deadline_s:.0f}s passed; incomplete: {late}")
             return completion
         if now >= next_status:
             next_status = now + STATUS_INTERVAL
@@ -797,7 +800,7 @@ def _watch(
                 next_progress = now + PROGRESS_EVERY
                 done = sum(value is not None for value in completion.values())
                 share = have / (blob_size * len(leechers))
-                say(f"bittorrent: t={now - t0:.1f}s {done}/{len(leechers)} complete, {share:.0%}")
+                say(f"t={now - t0:.1f}s {done}/{len(leechers)} complete, {share:.0%}")
         time.sleep(POLL_INTERVAL)
 
 
@@ -914,7 +917,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     deadline = args.deadline if args.deadline is not None else 10 * bound + 60
 
     def say(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
+        print(f"bittorrent: {message}", file=sys.stderr, flush=True)
 
     if args.shaping == "netns" and (reason := netns_unavailable_reason()) is not None:
         say(f"error: --shaping netns: {reason}")
