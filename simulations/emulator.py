@@ -52,6 +52,7 @@ import httpx
 
 from p2preg.errors import ConfigError
 from p2preg.units import parse_size
+from simulations import bench_swarm
 from simulations.bench_registry import (
     REPOSITORY,
     BenchError,
@@ -65,7 +66,6 @@ from simulations.bench_registry import (
     start_origin,
     write_random_blob,
 )
-from simulations import bench_swarm
 from simulations.bench_swarm import (
     MAX_NODES,
     ORIGIN_IP,
@@ -760,7 +760,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="direct,bittorrent",
         help="comma-separated: direct, bittorrent, or none (default: both)",
     )
-    parser.add_argument("--piece-length", default="4MiB", help="p2preg's and BitTorrent's (4MiB)")
+    parser.add_argument("--piece-length", default="4MiB", help="p2preg's piece length (4MiB)")
+    parser.add_argument(
+        "--bt-piece-length",
+        default="256KiB",
+        help="the BitTorrent baseline's (256KiB: mktorrent's default, usual for this size)",
+    )
     parser.add_argument(
         "--shaping",
         choices=("auto", "netns", "limits"),
@@ -782,6 +787,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class Options:
     caps: Caps
     piece_length: int
+    bt_piece_length: int
     baselines: tuple[str, ...]
     shaping: str  # "netns" or "limits"
     shaping_reason: str | None  # why not netns, when auto fell back
@@ -802,6 +808,9 @@ def options_from_args(args: argparse.Namespace) -> Options:
         else node_rate
     )
     piece_length = parse_size(args.piece_length, "--piece-length")
+    bt_piece_length = parse_size(args.bt_piece_length, "--bt-piece-length")
+    if not 16 * 1024 <= bt_piece_length <= 64 * MiB:
+        raise ConfigError("--bt-piece-length must be between 16KiB and 64MiB")
     if blob <= 0 or node_rate <= 0 or origin_rate <= 0:
         raise ConfigError("--blob-size and the bandwidths must be larger than zero")
     if piece_length < 64 * 1024 or piece_length & (piece_length - 1):
@@ -840,6 +849,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
     return Options(
         Caps(args.nodes, blob, node_rate, origin_rate),
         piece_length,
+        bt_piece_length,
         tuple(dict.fromkeys(names)),
         shaping,
         reason,
@@ -896,7 +906,7 @@ def emulate(options: Options) -> Report:
             measures.append(("direct", emulation.measure_direct))
         if "bittorrent" in options.baselines:
             measures.append(
-                ("bittorrent", lambda: emulation.measure_bittorrent(options.piece_length))
+                ("bittorrent", lambda: emulation.measure_bittorrent(options.bt_piece_length))
             )
         for name, measure in measures:
             try:
