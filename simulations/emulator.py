@@ -781,6 +781,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the full results here")
     parser.add_argument("--plot", type=Path, metavar="FILE.png", help="draw CDFs and egress here")
     parser.add_argument("--keep-logs", type=Path, metavar="DIR", help="copy the logs here")
+    parser.add_argument(
+        "--agent-src",
+        type=Path,
+        metavar="DIR",
+        help="run the agents and tracker from this source tree (e.g. a `git archive` snapshot)",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -796,6 +802,7 @@ class Options:
     json: Path | None
     plot: Path | None
     keep_logs: Path | None
+    agent_src: Path | None = None
 
 
 def options_from_args(args: argparse.Namespace) -> Options:
@@ -841,6 +848,12 @@ def options_from_args(args: argparse.Namespace) -> Options:
         if reason is not None and shaping == "netns":
             raise ConfigError(f"--shaping netns is not possible here: {reason}")
         shaping = "netns" if reason is None else "limits"
+    agent_src = args.agent_src.resolve() if args.agent_src is not None else None
+    packages = ("agent", "p2preg", "tracker")
+    if agent_src is not None and not all(
+        (agent_src / package / "__init__.py").is_file() for package in packages
+    ):
+        raise ConfigError(f"--agent-src {agent_src}: needs agent/, p2preg/ and tracker/ there")
     if args.plot is not None:
         try:
             import matplotlib  # noqa: F401
@@ -858,6 +871,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         args.json,
         args.plot,
         args.keep_logs,
+        agent_src,
     )
 
 
@@ -895,7 +909,7 @@ def emulate(options: Options) -> Report:
         say(caps.describe_bound())
         secret_file = work / "cluster-secret"
         secret_file.write_text(secrets.token_hex(32) + "\n")
-        setup = Setup(work, layer, caps, secret_file, agent_env(None))
+        setup = Setup(work, layer, caps, secret_file, agent_env(options.agent_src))
         bench_swarm.PIECE_LENGTH = str(options.piece_length)  # the agents' --piece-length
         emulation = Emulation(setup, testbed, image, layer.path)
         results: list[SystemResult] = []
