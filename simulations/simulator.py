@@ -35,10 +35,18 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TextIO, cast
 
 from p2preg.errors import ConfigError
-from p2preg.handout import HandoutLoad, PeerRecord, Requester, choose_peers
+from p2preg.handout import (
+    HANDOUT_SAMPLE,
+    HandoutLoad,
+    PeerRecord,
+    PeerTiers,
+    Requester,
+    choose_peers,
+)
 from p2preg.metainfo import (
     DEFAULT_PIECE_LENGTH,
     MAX_BLOB_SIZE,
@@ -58,6 +66,8 @@ MAX_PEERS = 8  # download connections per blob (agent/swarm.py)
 MAX_IN_FLIGHT = 8  # requests in flight per peer (agent/swarm.py) ...
 MAX_IN_FLIGHT_BYTES = 8 * 1024 * 1024  # ... and at most this many bytes of them
 MAX_CONNECTIONS = 512  # connections a peer server accepts (agent/peer_server.py)
+UPLOAD_SLOTS = 2  # pieces an agent sends at once, over all connections (agent/peer_server.py)
+REFUSAL_BACKOFF = 0.5  # a refused piece is not asked of that peer again this long (swarm.py)
 REDIAL_BACKOFF = 2.0  # seconds before an address is dialled again (agent/swarm.py)
 ANNOUNCE_INTERVAL = 1.0  # agent/swarm_coordinator.py
 LEASE_RENEW_INTERVAL = 2.0  # agent/swarm_coordinator.py
@@ -70,7 +80,6 @@ PIECE_TIMEOUT = 10.0  # AgentConfig.piece_timeout
 STALL_POLL = 0.1  # the agent checks for a stalled swarm this often
 DEFAULT_PICK_COUNT = 16  # pieces asked of the picker per call
 DEFAULT_BATCH_WINDOW = 1e-3  # seconds of events merged into one batch
-DEFAULT_HANDOUT_SAMPLE: int | None = None  # all candidates, as the tracker (docs/simulator.md)
 MAX_PIECES = 1 << 16  # simulation size limits (memory: about 1 byte per node-piece, x 3)
 MAX_NODE_PIECES = 10**9
 
@@ -99,10 +108,12 @@ class SimConfig:
     start_spread: float = 0.0  # node start times uniform in [0, this]
     seed: int = 0
     # Model knobs (docs/simulator.md): pieces asked of the picker per call, events merged into
-    # one batch, candidates per handout tier (None: all, as the tracker does).
+    # one batch.
     pick_count: int = DEFAULT_PICK_COUNT
     batch_window: float = DEFAULT_BATCH_WINDOW
-    handout_sample: int | None = DEFAULT_HANDOUT_SAMPLE
+    # Records ranked per handout tier: the tracker's StoreLimits.handout_sample (0: all; for
+    # experiments only, the tracker always samples).
+    handout_sample: int = HANDOUT_SAMPLE
     max_time: float | None = None  # stop here (None: 100 x the bound + 600 s)
     fail_nodes: tuple[tuple[int, float], ...] = ()  # (node, time) failures on top of the fraction
 
@@ -144,8 +155,8 @@ class SimConfig:
             raise ConfigError("--pick-count must be at least 1")
         if self.batch_window < 0:
             raise ConfigError("--batch-window must not be negative")
-        if self.handout_sample is not None and self.handout_sample < HANDOUT_LIMIT:
-            raise ConfigError(f"--handout-sample must be 0 (all) or at least {HANDOUT_LIMIT}")
+        if self.handout_sample != 0 and self.handout_sample < HANDOUT_LIMIT:
+            raise ConfigError(f"handout_sample must be 0 (all) or at least {HANDOUT_LIMIT}")
 
 
 # -- state ---------------------------------------------------------------------------------------
@@ -175,12 +186,16 @@ class _Node:
         "rated_up",
         "read_pos",
         "record",
+        "sent",
+        "served",
+        "slots",
         "stamp",
         "started",
         "state",
         "swarming",
         "up",
         "uploads",
+        "waiters",
         "wake_at",
         "want",
         "zone",
@@ -220,6 +235,13 @@ class _Node:
         self.last_progress = 0.0
         self.record: PeerRecord | None = None
         self.stamp = 0
+        # The peer server (agent/peer_server.py): free upload slots, the connections whose
+        # head request waits for one (-> when it started waiting, for the order), how often
+        # each piece was sent, and to whom each piece was last sent (super-seeding).
+        self.slots = UPLOAD_SLOTS
+        self.waiters: dict[_Conn, int] = {}
+        self.sent = bytearray(0)
+        self.served: dict[int, _Conn] = {}
 
 
 class _Link:
@@ -235,34 +257,6 @@ class _Link:
         self.stamp = 0
 
 
-class _Tier:
-    """The tracker's records of one zone's seeders (or leechers): O(1) add, remove and random
-    access, so a sampled handout costs O(sample), not O(swarm)."""
-
-    __slots__ = ("position", "records")
-
-    def __init__(self) -> None:
-        self.records: list[PeerRecord] = []
-        self.position: dict[int, int] = {}  # node index -> place in records
-
-    def add(self, node: int, record: PeerRecord) -> None:
-        place = self.position.get(node)
-        if place is None:
-            self.position[node] = len(self.records)
-            self.records.append(record)
-        else:
-            self.records[place] = record
-
-    def remove(self, node: int) -> None:
-        place = self.position.pop(node, None)
-        if place is None:
-            return
-        last = self.records.pop()
-        if place < len(self.records):
-            self.records[place] = last
-            self.position[int.from_bytes(last.peer_id, "big", signed=True)] = place
-
-
 class _Conn:
     __slots__ = (
         "active",
@@ -274,6 +268,7 @@ class _Conn:
         "open",
         "queue",
         "rate",
+        "refused",
         "remaining",
         "req_at",
         "src",
@@ -282,6 +277,7 @@ class _Conn:
         "state",
         "tver",
         "ver",
+        "waiting",
         "want",
     )
 
@@ -298,9 +294,11 @@ class _Conn:
         self.ver = 0  # bumps when the pending completion event is replaced or cancelled
         self.due = math.inf  # when the pending completion event fires (inf: none)
         self.tver = -1  # the ver for which a timeout event is pending
-        self.active = False
+        self.active = False  # its head piece is being sent (holds an upload slot)
+        self.waiting = False  # its head request waits for an upload slot
         self.open = True
         self.dry = False  # the last pick found nothing more to ask this peer
+        self.refused: dict[int, float] = {}  # piece -> when this peer refused it
         self.stamp = 0
         # The downloader's availability and want flags, read on every HAVE.
         self.state = dst.state
@@ -308,7 +306,7 @@ class _Conn:
 
 
 # event kinds
-_PIECE, _TIMEOUT, _FAIL, _START, _LEASE, _SWEEP, _WAKE = range(7)
+_PIECE, _TIMEOUT, _FAIL, _START, _LEASE, _SWEEP, _WAKE, _REFILL = range(8)
 
 
 @dataclass(slots=True)
@@ -323,6 +321,7 @@ class SimResult:
     origin_bytes: int
     peer_bytes: int
     inter_zone_bytes: int  # peer bytes that crossed from one zone to another
+    origin_egress: list[tuple[float, int]]  # (seconds, cumulative origin bytes), per piece
     end_s: float
     stats: dict[str, int]
     picker: str
@@ -364,6 +363,7 @@ class SimResult:
             "origin_copies": self.origin_bytes / cfg.blob_size,
             "peer_bytes": self.peer_bytes,
             "inter_zone_bytes": self.inter_zone_bytes,
+            "origin_egress": [[t, b] for t, b in self.origin_egress],
             "links": {
                 "node_upload": cfg.node_upload,
                 "node_download": cfg.node_download,
@@ -459,9 +459,8 @@ class Simulator:
                 [n.zone for n in self.nodes],
                 config.inter_zone,
             )
-        # tracker state: per zone, seeders and leechers in announce order
-        self.seeders = [_Tier() for _ in range(config.zones)]
-        self.leechers = [_Tier() for _ in range(config.zones)]
+        # tracker state: the records, bucketed as the tracker keeps them
+        self.tiers = PeerTiers()
         self.load = HandoutLoad(LOAD_HALF_LIFE)
         self.addr = [f"node-{i}" for i in range(config.nodes)]
         self.zone_names = [f"zone-{z}" for z in range(config.zones)]
@@ -482,9 +481,11 @@ class Simulator:
         self.dirty_links: dict[_Link, None] = {}
         self.dial: dict[_Node, None] = {}
         self.stamp = 0
+        self.seq = 0  # order of upload-slot waiters
         self.remaining_nodes = config.nodes  # alive and not complete
         self.origin_bytes = 0
         self.origin_pieces = 0
+        self.origin_egress: list[tuple[float, int]] = [(0.0, 0)]
         self.peer_bytes = 0
         self.inter_zone_bytes = 0
         self.stats = {
@@ -498,6 +499,7 @@ class Simulator:
             "rate_updates": 0,
             "lease_takeovers": 0,
             "duplicates": 0,
+            "refusals": 0,
         }
 
     # -- scheduling ------------------------------------------------------------------------------
@@ -579,6 +581,7 @@ class Simulator:
             origin_bytes=self.origin_bytes,
             peer_bytes=self.peer_bytes,
             inter_zone_bytes=self.inter_zone_bytes,
+            origin_egress=self.origin_egress,
             end_s=self.now,
             stats=dict(self.stats),
             picker=_name(self.picker_factory),
@@ -629,6 +632,9 @@ class Simulator:
                         self._start(obj, at)
                     elif kind == _FAIL:
                         self._fail(obj, at)
+                    elif kind == _REFILL:
+                        if obj.open:
+                            self.refill[obj] = None
                     elif kind == _WAKE:
                         if obj.wake_at == at:
                             obj.wake_at = inf
@@ -753,6 +759,112 @@ class Simulator:
 
     # -- flows -------------------------------------------------------------------------------------
 
+    def _send(self, c: _Conn, now: float) -> None:
+        """``c`` has requests and nothing being sent: its sender takes the head request when it
+        has a free upload slot, or queues it (agent/peer_server.py, UploadSlots)."""
+        src = c.src
+        if src is self.origin:
+            self._activate(c, now)
+        elif src.slots > 0 and not src.waiters:
+            src.slots -= 1
+            self._take(c, now)
+        else:
+            self.seq += 1
+            src.waiters[c] = self.seq
+            c.waiting = True
+
+    def _take(self, c: _Conn, now: float) -> None:
+        """``c`` holds an upload slot: send its head piece. While its sender fetches the blob
+        from the origin, a piece it already sent to another peer that is still connected is
+        refused (super-seeding at the origin fetcher: its uplink brings new pieces into the
+        swarm, so it carries each piece once); the requester asks elsewhere."""
+        src = c.src
+        queue = c.queue
+        served = src.served
+        fetching = src.origin_conn is not None
+        while queue:
+            index = queue[0]
+            if fetching:
+                other = served.get(index)
+                if other is not None and other is not c and other.open:
+                    del queue[0]
+                    del c.req_at[0]
+                    self._refused(c, index, now)
+                    continue
+            served[index] = c
+            self._activate(c, now)
+            return
+        self._release(src, now)
+
+    def _release(self, src: _Node, now: float) -> None:
+        """A slot of ``src`` is free: it goes to the waiting request whose piece ``src`` has sent
+        least often, then to the one that waited longest."""
+        waiters = src.waiters
+        if not waiters:
+            src.slots += 1
+            return
+        sent = src.sent
+        best = min(waiters, key=lambda w: (sent[w.queue[0]], waiters[w]))
+        del waiters[best]
+        best.waiting = False
+        self._take(best, now)
+
+    def _take_next(self, c: _Conn, now: float) -> None:
+        """``c`` keeps its slot for its next head piece (the flow goes on, re-rated)."""
+        src = c.src
+        queue = c.queue
+        if src.origin_conn is not None:
+            served = src.served
+            while queue:
+                other = served.get(queue[0])
+                if other is None or other is c or not other.open:
+                    break
+                index = queue.pop(0)
+                del c.req_at[0]
+                self._refused(c, index, now)
+        if not queue:
+            self._deactivate(c)
+            self._release(src, now)
+            return
+        src.served[queue[0]] = c
+        dst = c.dst
+        c.remaining = self.piece_bytes[queue[0]]
+        c.last = now
+        rate = src.up / src.n_up
+        share = dst.down / dst.n_down
+        if share < rate:
+            rate = share
+        link = c.link
+        if link is not None:
+            share = link.cap / link.n
+            if share < rate:
+                rate = share
+        c.rate = rate
+        self._schedule(c, now)
+
+    def _unwait(self, c: _Conn) -> None:
+        if c.waiting:
+            c.waiting = False
+            del c.src.waiters[c]
+
+    def _refused(self, c: _Conn, index: int, now: float) -> None:
+        self.stats["refusals"] += 1
+        dst = c.dst
+        picker = dst.picker
+        picker.request_ended(index)
+        c.refused[index] = now
+        c.dry = False
+        self.refill[c] = None
+        self._push(now + REFUSAL_BACKOFF, _REFILL, c)
+        if index in picker.in_flight or index in dst.have:
+            return
+        dst.want[index] = 0  # fresh again: the other peers that have it may be asked now
+        dst.endgame = False
+        for other in dst.downloads.values():
+            if other is not c and other.dry and index in other.src.have:
+                other.dry = False
+                self.refill[other] = None
+
     def _activate(self, c: _Conn, now: float) -> None:
         c.active = True
         c.remaining = self.piece_bytes[c.queue[0]]
@@ -795,6 +907,7 @@ class Simulator:
         if c.src is self.origin:
             self.origin_bytes += self.piece_size[index]
             self.origin_pieces += 1
+            self.origin_egress.append((now, self.origin_bytes))
             self.known.add(index)
             self._deliver(dst, index, now, None)
             if c.open:
@@ -804,13 +917,29 @@ class Simulator:
                 else:
                     self._origin_done(dst, now)
         else:
+            src = c.src
             self.peer_bytes += self.piece_size[index]
-            if c.src.zone != dst.zone:
+            if src.zone != dst.zone:
                 self.inter_zone_bytes += self.piece_size[index]
+            sent = src.sent
+            if sent[index] < 255:
+                sent[index] += 1
             self._deliver(dst, index, now, c)
-            if c.open and (c.stash or not c.dry):
+            if not c.open:
+                return  # closed meanwhile (dst complete): its slot went on already
+            if c.stash or not c.dry:
                 # (dry with an empty stash: nothing to ask until the peer announces a piece)
                 self.refill[c] = None
+            if src.waiters or not queue:
+                # The slot goes to the best waiting request; ours asks for one again.
+                self._deactivate(c)
+                self._release(src, now)
+                if queue:
+                    self._send(c, now)
+                return
+            # Nobody waits: the slot is ours again (unless the next head is refused).
+            self._take_next(c, now)
+            return
         if c.open:
             if queue:
                 c.remaining = self.piece_bytes[queue[0]]
@@ -874,8 +1003,8 @@ class Simulator:
                 u.want[index] = 1
                 queue.append(index)
                 u.req_at.append(now)
-                if len(queue) == 1:
-                    self._activate(u, now)
+                if not u.active and not u.waiting:
+                    self._send(u, now)
                 if len(wp.in_flight) == self.num_pieces - len(w.have):
                     self._endgame(w)
             else:
@@ -903,12 +1032,13 @@ class Simulator:
             dst.picker.request_ended(index)
             self.refill[c] = None
             if position == 0:
-                if c.queue:
-                    c.remaining = self.piece_bytes[c.queue[0]]
-                    c.last = now
-                    self._schedule(c, now)
-                else:
+                if c.active:  # it was being sent: the sender's slot is free
                     self._deactivate(c)
+                    self._release(c.src, now)
+                    if c.queue:
+                        self._send(c, now)
+                elif not c.queue:
+                    self._unwait(c)
 
     def _fill(self, c: _Conn, now: float) -> None:
         """Top up a connection's requests to ``depth`` with the picker's choices.
@@ -934,43 +1064,48 @@ class Simulator:
         else:
             stash = [i for i in c.stash if not want[i]]
             if c.dry and self.dry_shortcut and not dst.endgame and len(stash) > room:
-                chosen = self._pick(c, room, [])
+                chosen = self._pick(c, room, [], now)
             else:
                 chosen = []
                 while stash and len(chosen) < room:
                     chosen.append(stash.pop())
                 c.stash = stash
                 if len(chosen) < room and not c.dry:
-                    chosen = self._pick(c, room, chosen)
+                    chosen = self._pick(c, room, chosen, now)
         if not chosen:
             return
-        was_idle = not queue
         request = picker.request_started
         for index in chosen:
             request(index)
             want[index] = 1
             queue.append(index)
             c.req_at.append(now)
-        if was_idle:
-            self._activate(c, now)
+        if not c.active and not c.waiting:
+            self._send(c, now)
         in_flight = picker.in_flight
         have = dst.have
         if not dst.endgame and len(in_flight) == self.num_pieces - len(have):
             self._endgame(dst)
 
-    def _pick(self, c: _Conn, room: int, chosen: list[int]) -> list[int]:
+    def _pick(self, c: _Conn, room: int, chosen: list[int], now: float) -> list[int]:
         """``chosen`` plus what the picker picks to fill ``room``; the surplus goes to the stash."""
         picker = c.dst.picker
         need = room - len(chosen)
         count = max(need, self.cfg.pick_count)
-        picks = picker.pick(
-            c.src.have.as_bitfield(), count, c.dst.read_pos, exclude=c.queue + chosen
-        )
+        exclude = c.queue + chosen
+        refused = c.refused
+        if refused:  # as agent/swarm.py: not asked of this peer again for a while
+            for index, at in list(refused.items()):
+                if now - at >= REFUSAL_BACKOFF:
+                    del refused[index]
+            exclude += refused
+        picks = picker.pick(c.src.have.as_bitfield(), count, c.dst.read_pos, exclude=exclude)
         self.stats["picks"] += 1
         rest = picks[need:]
         rest.reverse()
         c.stash = rest
-        c.dry = len(picks) < count  # it took every fresh piece the peer had for us
+        # Dry: it took every fresh piece the peer had for us (a refused one comes back later).
+        c.dry = len(picks) < count and not refused
         return chosen + picks[:need]
 
     def _connect(self, node: _Node, peer: _Node, now: float) -> bool:
@@ -995,15 +1130,19 @@ class Simulator:
         """End a connection: its requests go back to the picker, the downloader dials more."""
         if not c.open:
             return
-        if c.active:
+        src, dst = c.src, c.dst
+        held = c.active
+        if held:
             self._deactivate(c)
+        self._unwait(c)
         c.open = False
         c.ver += 1
         c.due = math.inf
-        src, dst = c.src, c.dst
         if src is self.origin:
             dst.origin_conn = None
             return
+        if held and src.alive:
+            self._release(src, now)
         del src.uploads[c]
         del dst.downloads[src.index]
         if dst.alive and dst.done_at is None:
@@ -1035,6 +1174,7 @@ class Simulator:
         picker = self.picker_factory(self.num_pieces, self.policy_rng)
         node.have = install_piece_sets(picker, self.known)
         node.state = bytearray(2 * self.num_pieces)
+        node.sent = bytearray(self.num_pieces)
         picker.availability = cast(list[int], memoryview(node.state)[: self.num_pieces])
         node.want = memoryview(node.state)[self.num_pieces :]
         node.picker = picker
@@ -1110,14 +1250,10 @@ class Simulator:
     def _record(self, node: _Node, now: float) -> PeerRecord:
         pieces = len(node.have)
         complete = pieces == self.num_pieces
-        old = node.record
-        tiers = self.seeders if complete else self.leechers
-        if old is not None:
-            (self.seeders if old.complete else self.leechers)[node.zone].remove(node.index)
         record = PeerRecord(
             node.peer_id, self.addr[node.index], self.zone_names[node.zone], complete, pieces, now
         )
-        tiers[node.zone].add(node.index, record)
+        self.tiers.upsert(record)
         node.record = record
         return record
 
@@ -1126,7 +1262,9 @@ class Simulator:
         if not handout:
             return
         node.next_handout = now + ANNOUNCE_INTERVAL
-        candidates = self._candidates(node)
+        candidates = self.tiers.candidates(
+            record, HANDOUT_LIMIT, self.policy_rng, self.cfg.handout_sample
+        )
         load = self.load.snapshot([r.peer_id for r in candidates], now)
         chosen = self.handout(candidates, record, HANDOUT_LIMIT, self.policy_rng, load)
         self.load.record([r.peer_id for r in chosen], now)
@@ -1137,37 +1275,6 @@ class Simulator:
             if index not in known and index != node.index:
                 known.add(index)
                 node.addresses.append(index)
-
-    def _candidates(self, node: _Node) -> list[PeerRecord]:
-        """The tracker's candidates, tier by tier as choose_peers ranks them, stopping after the
-        tier that fills the handout: choose_peers never looks past that tier, so this answers
-        the same as passing the whole swarm, without the O(swarm) pass over unneeded tiers."""
-        zone = node.zone
-        others = [z for z in range(self.cfg.zones) if z != zone]
-        tiers = (
-            [self.seeders[zone]],
-            [self.leechers[zone]],
-            [self.seeders[z] for z in others],
-            [self.leechers[z] for z in others],
-        )
-        candidates: list[PeerRecord] = []
-        total = 0
-        sample = self.cfg.handout_sample
-        for group in tiers:
-            size = sum(len(t.records) for t in group)
-            if size == 0:
-                continue
-            if sample is not None and size > sample:
-                records = _sample(group, size, sample, self.rng)
-            else:
-                records = [r for t in group for r in t.records]
-            if any(node.index in t.position for t in group):
-                size -= 1
-            candidates += records
-            total += size
-            if total >= HANDOUT_LIMIT:
-                break
-        return candidates
 
     def _sweep(self, now: float) -> None:
         """Every announce interval: downloading nodes announce their progress; the tracker
@@ -1180,8 +1287,7 @@ class Simulator:
                 if node.done_at is None and record is not None and record.pieces != len(node.have):
                     self._record(node, now)
             elif record is not None and node.died_at is not None and now - node.died_at >= PEER_TTL:
-                tiers = self.seeders if record.complete else self.leechers
-                tiers[node.zone].remove(node.index)
+                self.tiers.remove(node.peer_id)
                 node.record = None
         self.load.sweep(now)
         if self.remaining_nodes > 0:
@@ -1247,15 +1353,6 @@ class Simulator:
             self._lease_wake(max(earliest + STALL_TIMEOUT, now + STALL_POLL))
 
 
-def _sample(group: list[_Tier], total: int, size: int, rng: random.Random) -> list[PeerRecord]:
-    """About ``size`` distinct records drawn uniformly from the tiers of ``group`` (``total``
-    records in all): with replacement, repeats dropped, O(size) with the draws in one C call."""
-    draws = memoryview(rng.randbytes(4 * size)).cast("I").tolist()
-    places = sorted({x % total for x in draws})
-    records = group[0].records if len(group) == 1 else [r for t in group for r in t.records]
-    return [records[x] for x in places]
-
-
 def _stock_pick(factory: PickerFactory) -> bool:
     probe = factory(1, random.Random(0))
     return type(probe).pick is PiecePicker.pick
@@ -1317,16 +1414,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=f"{DEFAULT_BATCH_WINDOW * 1000:g}ms",
         help="events this close together are handled as one batch (1ms)",
     )
-    add(
-        "--handout-sample",
-        metavar="N",
-        default="0",
-        help="give the handout a random sample of at most N candidates per tier; 0 (default): "
-        "all of them, as the tracker does (faster, but changes the rollout: docs/simulator.md)",
-    )
     add("--max-time", metavar="DURATION", help="stop the simulation at this simulated time")
     add("--json", metavar="FILE", help="write the results as JSON ('-' for stdout)")
-    add("--progress", action="store_true", help="show progress on stderr while running")
+    add(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show progress on stderr while running (default: when stderr is a terminal)",
+    )
+    add("--plot", metavar="FILE.png", help="plot completion times and origin egress to FILE.png")
 
 
 def _int(text: str, what: str) -> int:
@@ -1375,11 +1471,32 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         seed=_int(args.seed, "--seed"),
         pick_count=_int(args.pick_count, "--pick-count"),
         batch_window=parse_duration(args.batch_window, "--batch-window"),
-        handout_sample=_int(args.handout_sample, "--handout-sample") or None,
         max_time=parse_duration(args.max_time, "--max-time") if args.max_time else None,
     )
     config.validate()
     return config
+
+
+def plot(result: SimResult, path: Path) -> None:
+    """Completion-time CDF against the bound, and the origin's egress over time, as a PNG."""
+    from simulations.plots import plot_rollout
+
+    cfg = result.config
+    title = (
+        f"simulated rollout: {cfg.nodes} nodes, {format_size(cfg.blob_size)}, node "
+        f"{format_size(cfg.node_upload)}/s up, origin {format_size(cfg.origin_upload)}/s"
+        + (f", {cfg.zones} zones" if cfg.zones > 1 else "")
+        + (f", {cfg.fail_fraction:.0%} fail" if cfg.fail_fraction else "")
+    )
+    survivors = [t for t, alive in zip(result.completion_s, result.alive, strict=True) if alive]
+    plot_rollout(
+        path,
+        title,
+        {"p2preg (simulated)": survivors},
+        result.bound_s,
+        {"p2preg (simulated)": result.origin_egress},
+        cfg.blob_size,
+    )
 
 
 def _seconds(value: float | None) -> str:
@@ -1454,9 +1571,12 @@ def run_from_args(args: argparse.Namespace, out: TextIO | None = None) -> int:
             raise ConfigError(f"--json {args.json}: {exc.strerror or exc}") from None
     try:
         started = time.perf_counter()
-        result = simulate(config, progress=sys.stderr if args.progress else None)
+        show = args.progress if args.progress is not None else sys.stderr.isatty()
+        result = simulate(config, progress=sys.stderr if show else None)
         wall = time.perf_counter() - started
         summary = result.summary()
+        if args.plot:
+            plot(result, Path(args.plot))
         if args.json:
             text = json.dumps(summary, indent=1) + "\n"
             (json_file or out).write(text)

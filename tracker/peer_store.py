@@ -8,8 +8,11 @@ without sleeping.
 Semantics (docs/tracker.md):
 
 - Peers: ``announce`` upserts a peer's record for a digest; ``peers`` returns the records not
-  older than ``peer_ttl``. At most ``max_peers_per_digest`` per digest and ``max_total_peers``
-  overall; beyond that the least recently announced go first.
+  older than ``peer_ttl``; ``handout_candidates`` returns what the handout policy ranks for one
+  requester: the records bucketed by zone and completeness (``PeerTiers``), big tiers sampled
+  (``StoreLimits.handout_sample``), O(limit + sample) per announce, not O(swarm). At most
+  ``max_peers_per_digest`` per digest and ``max_total_peers`` overall; beyond that the least
+  recently announced go first.
 - Digests: at most ``max_digests``; the least recently touched digest (and its metainfo and
   leases) is evicted first.
 - Metainfo: ``put_metainfo`` merges progressive piece hashes into what the tracker holds; a hash
@@ -28,12 +31,13 @@ from __future__ import annotations
 
 import abc
 import logging
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from p2preg.digest import Digest
 from p2preg.errors import RemoteProtocolError
-from p2preg.handout import HandoutLoad, PeerRecord
+from p2preg.handout import HANDOUT_SAMPLE, HandoutLoad, PeerRecord, PeerTiers, Requester
 from p2preg.metainfo import MetaInfo
 
 log = logging.getLogger(__name__)
@@ -82,6 +86,7 @@ class StoreLimits:
     max_digests: int = 100_000
     load_half_life: float = 10.0
     bad_publisher_quarantine: float = 60.0
+    handout_sample: int = HANDOUT_SAMPLE  # records ranked per tier and announce (0: all)
 
 
 def normalize_range(piece_range: tuple[int, int | None] | None) -> PieceRange:
@@ -102,6 +107,13 @@ class PeerStore(abc.ABC):
 
     @abc.abstractmethod
     async def peers(self, digest: Digest, now: float) -> list[PeerRecord]: ...
+
+    @abc.abstractmethod
+    async def handout_candidates(
+        self, digest: Digest, requester: Requester, limit: int, rng: random.Random, now: float
+    ) -> list[PeerRecord]:
+        """The live records ``choose_peers`` ranks for ``requester``: ``PeerTiers.candidates``
+        with ``StoreLimits.handout_sample``."""
 
     @abc.abstractmethod
     async def get_metainfo(self, digest: Digest) -> MetaInfo | None: ...
@@ -156,6 +168,7 @@ class PeerStore(abc.ABC):
 class _Blob:
     # peer id -> record; dict order: least recently announced first.
     peers: dict[bytes, PeerRecord] = field(default_factory=dict)
+    tiers: PeerTiers = field(default_factory=PeerTiers)  # the same records, bucketed
     metainfo: MetaInfo | None = None
     leases: list[Lease] = field(default_factory=list)
     quarantined: dict[bytes, float] = field(default_factory=dict)  # publisher -> until
@@ -195,10 +208,17 @@ class MemoryPeerStore(PeerStore):
             del self._blobs[digest]
 
     def _drop_stale_peers(self, blob: _Blob, now: float) -> None:
+        # Records are in announce order and the store's clock does not go back, so the stale
+        # ones are a prefix: O(dropped), not O(peers), on every announce.
         cutoff = now - self.limits.peer_ttl
-        stale = [pid for pid, record in blob.peers.items() if record.announced_at < cutoff]
+        stale: list[bytes] = []
+        for peer_id, record in blob.peers.items():
+            if record.announced_at >= cutoff:
+                break
+            stale.append(peer_id)
         for peer_id in stale:
             del blob.peers[peer_id]
+            blob.tiers.remove(peer_id)
         self._peer_count -= len(stale)
 
     def _valid_leases(self, blob: _Blob, now: float) -> list[Lease]:
@@ -225,9 +245,12 @@ class MemoryPeerStore(PeerStore):
         if blob.peers.pop(record.peer_id, None) is not None:
             self._peer_count -= 1
         blob.peers[record.peer_id] = record
+        blob.tiers.upsert(record)
         self._peer_count += 1
         while len(blob.peers) > self.limits.max_peers_per_digest:
-            del blob.peers[next(iter(blob.peers))]
+            first = next(iter(blob.peers))
+            del blob.peers[first]
+            blob.tiers.remove(first)
             self._peer_count -= 1
         while self._peer_count > self.limits.max_total_peers and len(self._blobs) > 1:
             oldest = next(iter(self._blobs))
@@ -241,6 +264,15 @@ class MemoryPeerStore(PeerStore):
             return []
         self._drop_stale_peers(blob, now)
         return list(blob.peers.values())
+
+    async def handout_candidates(
+        self, digest: Digest, requester: Requester, limit: int, rng: random.Random, now: float
+    ) -> list[PeerRecord]:
+        blob = self._blobs.get(digest)
+        if blob is None:
+            return []
+        self._drop_stale_peers(blob, now)
+        return blob.tiers.candidates(requester, limit, rng, self.limits.handout_sample)
 
     # -- metainfo --------------------------------------------------------------------------------
 

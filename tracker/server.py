@@ -304,8 +304,10 @@ class TrackerAPI:
             pieces=_int_field(body, "pieces", 0, MAX_PIECES),
             announced_at=now,
         )
-        candidates = await self.store.peers(digest, now)
         await self.store.announce(digest, record, now)
+        candidates = await self.store.handout_candidates(
+            digest, record, self.config.max_peers, self._rng, now
+        )
         load = await self.store.handout_load([c.peer_id for c in candidates], now)
         chosen = choose_peers(candidates, record, self.config.max_peers, self._rng, load)
         await self.store.record_handout([c.peer_id for c in chosen], now)

@@ -9,7 +9,7 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2preg.handout import HandoutLoad, PeerRecord, PeerRef, choose_peers
+from p2preg.handout import HandoutLoad, PeerRecord, PeerRef, PeerTiers, choose_peers
 
 ZONES = ("a", "b", "c")
 POOL = [bytes([i]) * 16 for i in range(24)]
@@ -197,3 +197,89 @@ def test_handout_load_is_bounded() -> None:
     load.record(POOL[:10], now=0.0)
     assert len(load) == 5
     assert load.get(POOL[0], 0.0) == 0.0 and load.get(POOL[9], 0.0) == 1.0
+
+
+# -- PeerTiers: the tracker's bucketed records and the sampled candidates ------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 23), st.sampled_from(ZONES), st.booleans()), max_size=80),
+    st.lists(st.integers(0, 23), max_size=10),
+)
+def test_peer_tiers_follow_upserts_and_removals(
+    ops: list[tuple[int, str, bool]], removals: list[int]
+) -> None:
+    tiers = PeerTiers()
+    model: dict[bytes, PeerRecord] = {}
+    for step, (index, zone, complete) in enumerate(ops):
+        rec = record(index, zone, complete, pieces=step, at=float(step))
+        tiers.upsert(rec)
+        model[rec.peer_id] = rec
+    for index in removals:
+        assert tiers.remove(POOL[index]) == model.pop(POOL[index], None)
+    assert len(tiers) == len(model)
+    assert sorted(tiers, key=lambda r: r.peer_id) == sorted(model.values(), key=lambda r: r.peer_id)
+    for peer_id, rec in model.items():
+        assert tiers.get(peer_id) is rec and peer_id in tiers
+
+
+@settings(max_examples=60, deadline=None)
+@given(swarms, requesters, st.integers(0, 50), loads, st.integers(0, 2**32))
+def test_unsampled_candidates_answer_as_the_whole_swarm(
+    candidates: list[PeerRecord], me: PeerRef, limit: int, load: dict[bytes, int], seed: int
+) -> None:
+    """With no sampling, choosing from PeerTiers.candidates is choosing from every record."""
+    tiers = PeerTiers()
+    for rec in sorted(candidates, key=lambda r: r.announced_at):
+        tiers.upsert(rec)
+    everyone = list(tiers)
+    picked = tiers.candidates(me, limit, random.Random(seed), sample=0)
+    assert me.peer_id not in {r.peer_id for r in picked}
+    full = choose_peers(everyone, me, limit, random.Random(seed), load)
+    part = choose_peers(picked, me, limit, random.Random(seed), load)
+
+    # Same ranking keys in the same order (the random tie-breaks may differ).
+    def key(r: PeerRecord) -> tuple[bool, bool, float]:
+        return (r.zone != me.zone, not r.complete, load.get(r.peer_id, 0) if r.complete else 0)
+
+    assert [key(r) for r in part] == [key(r) for r in full]
+
+
+def test_big_tiers_are_sampled_uniformly() -> None:
+    tiers = PeerTiers()
+    for i in range(2000):
+        tiers.upsert(
+            PeerRecord(i.to_bytes(16, "big"), f"h{i}", "a" if i % 4 else "b", False, 0, 0.0)
+        )
+    rng = random.Random(3)
+    me = PeerRef(b"\xff" * 16, "a")  # 1500 same-zone leechers: one tier, sampled
+    seen: Counter[bytes] = Counter()
+    for _ in range(300):
+        picked = tiers.candidates(me, 50, rng, sample=100)
+        assert len(picked) == 100 and len({r.peer_id for r in picked}) == 100
+        assert all(r.zone == "a" for r in picked)
+        seen.update(r.peer_id for r in picked)
+    # 30,000 draws over 1500 records: each about 20 times; none far off.
+    assert len(seen) == 1500 and max(seen.values()) < 45
+    # A small tier is passed whole, and the next tier is added when it cannot fill the limit.
+    few = PeerTiers()
+    for i in range(30):
+        few.upsert(PeerRecord(i.to_bytes(16, "big"), "h", "a" if i < 10 else "b", False, 0, 0.0))
+    got = few.candidates(me, 20, rng, sample=100)
+    assert len(got) == 30  # 10 same-zone, then all 20 of the other zone
+
+
+def test_candidates_of_a_requester_in_the_swarm_leave_it_out() -> None:
+    tiers = PeerTiers()
+    for i in range(300):
+        tiers.upsert(
+            record(i % 24, "a", pieces=i)
+            if i < 24
+            else PeerRecord(i.to_bytes(16, "big"), "h", "a", False, 1, 0.0)
+        )
+    me = record(5, "a")
+    for seed in range(20):
+        picked = tiers.candidates(me, 50, random.Random(seed), sample=60)
+        assert me.peer_id not in {r.peer_id for r in picked}
+        assert len(picked) >= 50

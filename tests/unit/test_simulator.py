@@ -6,6 +6,7 @@ measured by hand and recorded in docs/simulator.md.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -23,6 +24,7 @@ from simulations import simulator as sim
 from simulations.sim_bounds import kumar_ross_bound, zone_bound
 from simulations.sim_fast import FastShuffleRandom, PieceSet, install_piece_sets
 from simulations.simulator import SimConfig, SimResult, simulate
+from tracker.peer_store import StoreLimits
 
 MiB = 1024 * 1024
 
@@ -82,8 +84,12 @@ def test_fast_origin_and_uploads_approach_the_download_bound() -> None:
     result = _run(nodes=10, node_upload=200 * MiB, node_download=10 * MiB, origin_upload=100 * MiB)
     f_over_d = 64 * MiB / (10 * MiB)
     assert result.bound_s == pytest.approx(f_over_d)
-    assert f_over_d * 0.999 <= result.percentile(50) <= 1.2 * f_over_d
-    assert result.percentile(100) <= 1.8 * f_over_d
+    # Not at the bound: an agent sends at most UPLOAD_SLOTS pieces at once, each at the
+    # receiver's 10 MiB/s, so a 200 MiB/s uplink carries 20; the holder refuses pieces it
+    # already sent (super-seeding); requests for pieces sent before wait behind new ones
+    # (docs/simulator.md, findings). 1.8 x and 2.2 x with the agent's peer server as it is.
+    assert f_over_d * 0.999 <= result.percentile(50) <= 2.0 * f_over_d
+    assert result.percentile(100) <= 2.5 * f_over_d
     assert result.origin_bytes == 64 * MiB  # the origin served one copy
 
 
@@ -233,7 +239,7 @@ def test_a_handout_without_load_spreading_makes_the_rollout_slower() -> None:
     real = simulate(SimConfig(**config))  # type: ignore[arg-type]
     worse = simulate(SimConfig(**config), handout=oldest_first)  # type: ignore[arg-type]
     assert worse.handout.endswith("oldest_first")
-    assert worse.percentile(50) > 2 * real.percentile(50)
+    assert worse.percentile(50) > 1.5 * real.percentile(50)
 
 
 def test_a_custom_picker_is_always_asked() -> None:
@@ -327,6 +333,9 @@ def test_constants_agree_with_the_agent_and_the_tracker() -> None:
     assert sim.MAX_IN_FLIGHT == swarm.MAX_IN_FLIGHT
     assert sim.MAX_IN_FLIGHT_BYTES == swarm.MAX_IN_FLIGHT_BYTES
     assert sim.MAX_CONNECTIONS == peer_server.MAX_CONNECTIONS
+    assert sim.UPLOAD_SLOTS == peer_server.UPLOAD_SLOTS
+    assert sim.REFUSAL_BACKOFF == swarm.REFUSAL_BACKOFF
+    assert StoreLimits().handout_sample == sim.HANDOUT_SAMPLE
     assert sim.ANNOUNCE_INTERVAL == swarm_coordinator.ANNOUNCE_INTERVAL
     tracker = TrackerConfig(cluster_secret=b"x" * 32)
     assert tracker.max_peers == sim.HANDOUT_LIMIT
@@ -345,14 +354,18 @@ def test_cli_writes_json_and_a_summary(tmp_path: Path, capsys: pytest.CaptureFix
     out = tmp_path / "sim.json"
     args = ["simulate", "--nodes", "30", "--blob-size", "32MiB", "--node-bandwidth", "20MiB"]
     args += ["--origin-bandwidth", "20MiB", "--zones", "2", "--inter-zone-bandwidth", "40MiB"]
-    args += ["--fail-fraction", "0.1", "--seed", "4", "--json", str(out)]
+    args += ["--fail-fraction", "0.1", "--seed", "4", "--json", str(out), "--progress"]
+    args += ["--plot", str(tmp_path / "sim.png")]
     assert main(args) == 0
     data = json.loads(out.read_text())
     assert data["nodes"] == 30 and data["failed"] == 3
     assert data["bound_s"] == pytest.approx(32 / 20)
     assert math.isfinite(data["zone_bound_s"])
-    printed = capsys.readouterr().out
-    assert "completion p99" in printed and "lower bound" in printed
+    assert data["origin_egress"][-1][1] == data["origin_bytes"]
+    assert (tmp_path / "sim.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    captured = capsys.readouterr()
+    assert "completion p99" in captured.out and "lower bound" in captured.out
+    assert "simulated" in captured.err and "complete 27/27" in captured.err  # --progress
 
 
 @pytest.mark.parametrize(
@@ -391,29 +404,24 @@ def test_cli_missing_flag_is_an_argparse_error(capsys: pytest.CaptureFixture[str
     assert capsys.readouterr().err.count("\n") == 1
 
 
-def test_handout_sample_is_an_option_and_deterministic() -> None:
-    config = {"nodes": 300, "blob_size": 16 * MiB, "handout_sample": 60, "zones": 2}
-    first = _run(**config)
-    assert first.incomplete == 0
-    assert first.config.handout_sample == 60
-    assert json.dumps(first.summary()) == json.dumps(_run(**config).summary())
-    assert _run(nodes=300, blob_size=16 * MiB, zones=2).config.handout_sample is None  # default
+def test_handout_is_the_trackers_sampled_policy() -> None:
+    """The simulator ranks what the tracker ranks: PeerTiers.candidates with the tracker's
+    sample; 0 (all records, for experiments) changes the rollout, and both are deterministic."""
+    assert (
+        sim.SimConfig.__dataclass_fields__["handout_sample"].default == StoreLimits().handout_sample
+    )
+    config = {"nodes": 300, "blob_size": 16 * MiB, "zones": 2}
+    sampled = _run(**config, handout_sample=60)
+    assert sampled.incomplete == 0
+    assert json.dumps(sampled.summary()) == json.dumps(_run(**config, handout_sample=60).summary())
+    assert json.dumps(_run(**config, handout_sample=0).summary()) != json.dumps(sampled.summary())
 
 
-def test_tier_keeps_records_addressable_after_removals() -> None:
-    tier = sim._Tier()
-    records = {
-        i: PeerRecord(i.to_bytes(16, "big", signed=True), f"n{i}", "z", False, i, 0.0)
-        for i in range(6)
-    }
-    for i, record in records.items():
-        tier.add(i, record)
-    tier.remove(1)
-    tier.remove(5)
-    tier.remove(7)  # unknown: ignored
-    tier.add(2, records[3])  # replaced in place
-    assert sorted(tier.position) == [0, 2, 3, 4]
-    for node, place in tier.position.items():
-        expected = records[3] if node == 2 else records[node]
-        assert tier.records[place] is expected
-    assert len(tier.records) == 4
+def test_origin_egress_is_a_cumulative_series() -> None:
+    result = _run(nodes=20, fail_nodes=((0, 1.0),))
+    egress = result.origin_egress
+    assert egress[0] == (0.0, 0) and egress[-1][1] == result.origin_bytes
+    assert all(a[0] <= b[0] and a[1] < b[1] for a, b in itertools.pairwise(egress))
+    # The origin sends at most its upload rate: 20 MiB/s here.
+    assert all(b[1] <= 20 * MiB * b[0] * 1.0001 for b in egress[1:])
+    assert result.summary()["origin_egress"][-1] == [egress[-1][0], result.origin_bytes]
