@@ -116,6 +116,9 @@ class SimConfig:
     handout_sample: int = HANDOUT_SAMPLE
     max_time: float | None = None  # stop here (None: 100 x the bound + 600 s)
     fail_nodes: tuple[tuple[int, float], ...] = ()  # (node, time) failures on top of the fraction
+    # What-if, not the agent (0: off, as the agent): a downloading node drops a peer that had
+    # nothing for it (no request, nothing to pick) for this long, and dials another.
+    replace_idle: float = 0.0
 
     def validate(self) -> None:
         if self.nodes < 1:
@@ -195,6 +198,7 @@ class _Node:
         "swarming",
         "up",
         "uploads",
+        "wait_heap",
         "waiters",
         "wake_at",
         "want",
@@ -239,7 +243,9 @@ class _Node:
         # head request waits for one (-> when it started waiting, for the order), how often
         # each piece was sent, and to whom each piece was last sent (super-seeding).
         self.slots = UPLOAD_SLOTS
-        self.waiters: dict[_Conn, int] = {}
+        self.waiters: dict[_Conn, tuple[float, float]] = {}  # -> (arrival, random tie-break)
+        # (times its head piece was sent, arrival, tie-break, push number, conn) (_grant)
+        self.wait_heap: list[tuple[int, float, float, int, _Conn]] = []
         self.sent = bytearray(0)
         self.served: dict[int, _Conn] = {}
 
@@ -260,6 +266,7 @@ class _Link:
 class _Conn:
     __slots__ = (
         "active",
+        "delivered_at",
         "dry",
         "dst",
         "due",
@@ -299,6 +306,7 @@ class _Conn:
         self.open = True
         self.dry = False  # the last pick found nothing more to ask this peer
         self.refused: dict[int, float] = {}  # piece -> when this peer refused it
+        self.delivered_at = 0.0  # when it last delivered a piece (or connected)
         self.stamp = 0
         # The downloader's availability and want flags, read on every HAVE.
         self.state = dst.state
@@ -422,6 +430,7 @@ class Simulator:
         # contract tests/unit/test_simulator.py checks; a policy under test is always asked.
         self.dry_shortcut = _stock_pick(picker_factory)
         self.policy_rng = FastShuffleRandom(self.rng.getrandbits(64))
+        self.order_rng = random.Random(self.rng.getrandbits(64))
         self.num_pieces = piece_count(config.blob_size, config.piece_length)
         # requests in flight per peer, as agent/swarm.py bounds them
         self.depth = max(1, min(MAX_IN_FLIGHT, MAX_IN_FLIGHT_BYTES // config.piece_length))
@@ -481,7 +490,8 @@ class Simulator:
         self.dirty_links: dict[_Link, None] = {}
         self.dial: dict[_Node, None] = {}
         self.stamp = 0
-        self.seq = 0  # order of upload-slot waiters
+        self.pushes = 0  # heap entries of upload-slot waiters (a unique tie-break)
+        self.grant: dict[_Node, None] = {}  # senders with a free slot and waiters
         self.remaining_nodes = config.nodes  # alive and not complete
         self.origin_bytes = 0
         self.origin_pieces = 0
@@ -500,6 +510,7 @@ class Simulator:
             "lease_takeovers": 0,
             "duplicates": 0,
             "refusals": 0,
+            "replaced": 0,
         }
 
     # -- scheduling ------------------------------------------------------------------------------
@@ -532,7 +543,8 @@ class Simulator:
                 slot.append((_PIECE, c, ver))
         if c.tver != c.ver and finish > c.req_at[0] + PIECE_TIMEOUT and c.src is not self.origin:
             c.tver = c.ver
-            self._push(c.req_at[0] + PIECE_TIMEOUT, _TIMEOUT, c, c.ver)
+            # (a request that waited for an upload slot may be overdue already: now)
+            self._push(max(now, c.req_at[0] + PIECE_TIMEOUT), _TIMEOUT, c, c.ver)
 
     def _wake(self, node: _Node, at: float) -> None:
         if at < node.wake_at:
@@ -605,6 +617,8 @@ class Simulator:
             first = times[0]
             if first > max_time:
                 break
+            if first < self.now:
+                raise AssertionError(f"an event at {first} s was scheduled in the past")
             until = first + window
             batches += 1
             while times and times[0] <= until:
@@ -669,7 +683,7 @@ class Simulator:
     # -- batch end: refill requests, dial, re-rate ----------------------------------------------
 
     def _settle(self, now: float) -> None:
-        while self.refill or self.dial:
+        while self.refill or self.dial or self.grant:
             refill, self.refill = self.refill, {}
             for c in refill:
                 if c.open:
@@ -677,6 +691,10 @@ class Simulator:
             dial, self.dial = self.dial, {}
             for node in dial:
                 self._dial_more(node, now)
+            if not self.refill and not self.dial:
+                grant, self.grant = self.grant, {}
+                for src in grant:
+                    self._grant(src, now)
         if self.dirty or self.dirty_links or self.fresh:
             self._rerate(now)
 
@@ -765,13 +783,19 @@ class Simulator:
         src = c.src
         if src is self.origin:
             self._activate(c, now)
-        elif src.slots > 0 and not src.waiters:
-            src.slots -= 1
-            self._take(c, now)
-        else:
-            self.seq += 1
-            src.waiters[c] = self.seq
-            c.waiting = True
+            return
+        # Queued first, granted at the end of the batch (_grant): requests that reach a peer
+        # at the same moment race in the agent, so none may win by the simulator's order.
+        token = (now, self.order_rng.random())
+        src.waiters[c] = token
+        self.pushes += 1
+        heapq.heappush(src.wait_heap, (src.sent[c.queue[0]], *token, self.pushes, c))
+        c.waiting = True
+        if src.slots > 0:
+            self.grant[src] = None
+        if c.tver != c.ver:  # the requester drops the peer if it waits too long
+            c.tver = c.ver
+            self._push(max(now, c.req_at[0] + PIECE_TIMEOUT), _TIMEOUT, c, c.ver)
 
     def _take(self, c: _Conn, now: float) -> None:
         """``c`` holds an upload slot: send its head piece. While its sender fetches the blob
@@ -797,50 +821,35 @@ class Simulator:
         self._release(src, now)
 
     def _release(self, src: _Node, now: float) -> None:
-        """A slot of ``src`` is free: it goes to the waiting request whose piece ``src`` has sent
-        least often, then to the one that waited longest."""
-        waiters = src.waiters
-        if not waiters:
-            src.slots += 1
-            return
-        sent = src.sent
-        best = min(waiters, key=lambda w: (sent[w.queue[0]], waiters[w]))
-        del waiters[best]
-        best.waiting = False
-        self._take(best, now)
+        """A slot of ``src`` is free: granted at the end of the batch (_grant)."""
+        src.slots += 1
+        if src.waiters:
+            self.grant[src] = None
 
-    def _take_next(self, c: _Conn, now: float) -> None:
-        """``c`` keeps its slot for its next head piece (the flow goes on, re-rated)."""
-        src = c.src
-        queue = c.queue
-        if src.origin_conn is not None:
-            served = src.served
-            while queue:
-                other = served.get(queue[0])
-                if other is None or other is c or not other.open:
-                    break
-                index = queue.pop(0)
-                del c.req_at[0]
-                self._refused(c, index, now)
-        if not queue:
-            self._deactivate(c)
-            self._release(src, now)
-            return
-        src.served[queue[0]] = c
-        dst = c.dst
-        c.remaining = self.piece_bytes[queue[0]]
-        c.last = now
-        rate = src.up / src.n_up
-        share = dst.down / dst.n_down
-        if share < rate:
-            rate = share
-        link = c.link
-        if link is not None:
-            share = link.cap / link.n
-            if share < rate:
-                rate = share
-        c.rate = rate
-        self._schedule(c, now)
+    def _grant(self, src: _Node, now: float) -> None:
+        """Free slots go to the waiting requests whose piece ``src`` has sent least often,
+        then to the ones that waited longest (agent/peer_server.py, UploadSlots)."""
+        waiters = src.waiters
+        sent = src.sent
+        heap = src.wait_heap
+        pop = heapq.heappop
+        while src.slots > 0 and waiters and src.alive:
+            # A heap of (sent count of the head piece when pushed, arrival, random, push
+            # number, conn). Counts only grow, so an entry whose count is stale is re-pushed
+            # with the current one, and the first up-to-date entry is the agent's min().
+            # Entries of connections that stopped waiting (or waited again since) are dropped.
+            count, at, tie, _, best = pop(heap)
+            if waiters.get(best) != (at, tie):
+                continue
+            current = sent[best.queue[0]]
+            if current != count:
+                self.pushes += 1
+                heapq.heappush(heap, (current, at, tie, self.pushes, best))
+                continue
+            del waiters[best]
+            best.waiting = False
+            src.slots -= 1
+            self._take(best, now)
 
     def _unwait(self, c: _Conn) -> None:
         if c.waiting:
@@ -854,6 +863,7 @@ class Simulator:
         picker.request_ended(index)
         c.refused[index] = now
         c.dry = False
+        c.stash = []  # picked before the refusal: the next pick sees rarity as it is now
         self.refill[c] = None
         self._push(now + REFUSAL_BACKOFF, _REFILL, c)
         if index in picker.in_flight or index in dst.have:
@@ -924,21 +934,20 @@ class Simulator:
             sent = src.sent
             if sent[index] < 255:
                 sent[index] += 1
+            c.delivered_at = now
             self._deliver(dst, index, now, c)
             if not c.open:
                 return  # closed meanwhile (dst complete): its slot went on already
             if c.stash or not c.dry:
                 # (dry with an empty stash: nothing to ask until the peer announces a piece)
                 self.refill[c] = None
-            if src.waiters or not queue:
-                # The slot goes to the best waiting request; ours asks for one again.
-                self._deactivate(c)
-                self._release(src, now)
-                if queue:
-                    self._send(c, now)
-                return
-            # Nobody waits: the slot is ours again (unless the next head is refused).
-            self._take_next(c, now)
+            # The slot goes back; our next request asks for one again, at the end of the batch
+            # with every request that arrived meanwhile (the agent's send loop asks for a slot
+            # per piece; which of simultaneous requests wins is a race there).
+            self._deactivate(c)
+            self._release(src, now)
+            if queue:
+                self._send(c, now)
             return
         if c.open:
             if queue:
@@ -983,7 +992,15 @@ class Simulator:
         shortcut = self.dry_shortcut
         depth = self.depth
         wanted = index + self.num_pieces  # its place in the want half of a node's state
-        for u in dst.uploads:
+        # The HAVEs go out in a random rotation of dst's downloaders: in the agent they race
+        # (one task per connection, trio's shuffled scheduling, network latency), and a fixed
+        # order would let one downloader win every first-come decision (upload slots,
+        # super-seeding) at dst.
+        uploads = list(dst.uploads)
+        if len(uploads) > 1:
+            start = int(self.order_rng.random() * len(uploads))
+            uploads = uploads[start:] + uploads[:start]
+        for u in uploads:
             state = u.state
             state[index] += 1
             if state[wanted]:
@@ -1039,6 +1056,12 @@ class Simulator:
                         self._send(c, now)
                 elif not c.queue:
                     self._unwait(c)
+                elif c.waiting:  # a new head: its place among the waiters may be earlier
+                    src = c.src
+                    self.pushes += 1
+                    at, tie = src.waiters[c]
+                    entry = (src.sent[c.queue[0]], at, tie, self.pushes, c)
+                    heapq.heappush(src.wait_heap, entry)
 
     def _fill(self, c: _Conn, now: float) -> None:
         """Top up a connection's requests to ``depth`` with the picker's choices.
@@ -1115,6 +1138,7 @@ class Simulator:
             return False
         link = self.links.get((peer.zone, node.zone)) if peer.zone != node.zone else None
         c = _Conn(peer, node, link)
+        c.delivered_at = now
         peer.uploads[c] = None
         node.downloads[peer.index] = c
         if peer.have:
@@ -1290,6 +1314,14 @@ class Simulator:
                 self.tiers.remove(node.peer_id)
                 node.record = None
         self.load.sweep(now)
+        idle = self.cfg.replace_idle
+        if idle > 0:
+            for node in self.nodes:
+                if node.alive and node.swarming and node.done_at is None:
+                    for c in list(node.downloads.values()):
+                        if c.dry and not c.queue and not c.stash and now - c.delivered_at >= idle:
+                            self.stats["replaced"] += 1
+                            self._close(c, now, backoff=True)
         if self.remaining_nodes > 0:
             self._push(now + ANNOUNCE_INTERVAL, _SWEEP, None)
 
