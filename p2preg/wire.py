@@ -402,6 +402,17 @@ class PeerConnection:
         return self.their_state
 
     @property
+    def payload_bytes_needed(self) -> int:
+        """Bytes still missing from the piece payload being received (0: none pending).
+
+        An IO layer can wait for that many bytes at once (SO_RCVLOWAT) instead of waking up
+        for every segment: a piece is useless until it is whole.
+        """
+        if self._pending_piece is None:
+            return 0
+        return max(0, self._pending_piece.length - (len(self._buf) - self._start))
+
+    @property
     def buffered_bytes(self) -> int:
         """Bytes received and not yet returned as events (a piece header counts as returned)."""
         return len(self._buf) - self._start
