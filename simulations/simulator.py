@@ -66,6 +66,7 @@ MAX_PEERS = 8  # download connections per blob (agent/swarm.py)
 MAX_IN_FLIGHT = 8  # requests in flight per peer (agent/swarm.py) ...
 MAX_IN_FLIGHT_BYTES = 8 * 1024 * 1024  # ... and at most this many bytes of them
 MAX_CONNECTIONS = 512  # connections a peer server accepts (agent/peer_server.py)
+REFUSE_ON_ARRIVAL = True  # agent/peer_server.py refuses super-seeded pieces before queueing
 UPLOAD_SLOTS = 2  # pieces an agent sends at once, over all connections (agent/peer_server.py)
 REFUSAL_BACKOFF = 0.5  # a refused piece is not asked of that peer again this long (swarm.py)
 REDIAL_BACKOFF = 2.0  # seconds before an address is dialled again (agent/swarm.py)
@@ -282,7 +283,7 @@ class _Conn:
         "stamp",
         "stash",
         "state",
-        "tver",
+        "tdue",
         "ver",
         "waiting",
         "want",
@@ -300,7 +301,7 @@ class _Conn:
         self.last = 0.0  # when ``remaining`` was last brought up to date
         self.ver = 0  # bumps when the pending completion event is replaced or cancelled
         self.due = math.inf  # when the pending completion event fires (inf: none)
-        self.tver = -1  # the ver for which a timeout event is pending
+        self.tdue = math.inf  # when its pending timeout check fires (inf: none pending)
         self.active = False  # its head piece is being sent (holds an upload slot)
         self.waiting = False  # its head request waits for an upload slot
         self.open = True
@@ -541,10 +542,6 @@ class Simulator:
                 heapq.heappush(self.times, finish)
             else:
                 slot.append((_PIECE, c, ver))
-        if c.tver != c.ver and finish > c.req_at[0] + PIECE_TIMEOUT and c.src is not self.origin:
-            c.tver = c.ver
-            # (a request that waited for an upload slot may be overdue already: now)
-            self._push(max(now, c.req_at[0] + PIECE_TIMEOUT), _TIMEOUT, c, c.ver)
 
     def _wake(self, node: _Node, at: float) -> None:
         if at < node.wake_at:
@@ -639,9 +636,18 @@ class Simulator:
                         continue
                     events += 1
                     if kind == _TIMEOUT:
-                        if ver == obj.ver and obj.open:
-                            stats["timeouts"] += 1
-                            self._close(obj, at, backoff=True)
+                        # One pending check per connection with requests: its oldest request
+                        # (the head) is overdue -> drop the peer, as the agent's ticker does;
+                        # otherwise check again when the current head would be.
+                        obj.tdue = inf
+                        if obj.open and obj.queue:
+                            due = obj.req_at[0] + PIECE_TIMEOUT
+                            if due <= at:
+                                stats["timeouts"] += 1
+                                self._close(obj, at, backoff=True)
+                            else:
+                                obj.tdue = due
+                                self._push(due, _TIMEOUT, obj)
                     elif kind == _START:
                         self._start(obj, at)
                     elif kind == _FAIL:
@@ -784,6 +790,19 @@ class Simulator:
         if src is self.origin:
             self._activate(c, now)
             return
+        if src.origin_conn is not None and REFUSE_ON_ARRIVAL:
+            # The agent refuses a piece the origin fetcher already sent to another connected
+            # peer as soon as the request arrives, without queueing it for an upload slot.
+            queue, served = c.queue, src.served
+            while queue:
+                other = served.get(queue[0])
+                if other is None or other is c or not other.open:
+                    break
+                index = queue.pop(0)
+                del c.req_at[0]
+                self._refused(c, index, now)
+            if not queue:
+                return
         # Queued first, granted at the end of the batch (_grant): requests that reach a peer
         # at the same moment race in the agent, so none may win by the simulator's order.
         token = (now, self.order_rng.random())
@@ -793,9 +812,9 @@ class Simulator:
         c.waiting = True
         if src.slots > 0:
             self.grant[src] = None
-        if c.tver != c.ver:  # the requester drops the peer if it waits too long
-            c.tver = c.ver
-            self._push(max(now, c.req_at[0] + PIECE_TIMEOUT), _TIMEOUT, c, c.ver)
+        if c.tdue == math.inf:  # the requester drops the peer if a request takes too long
+            c.tdue = max(now, c.req_at[0] + PIECE_TIMEOUT)
+            self._push(c.tdue, _TIMEOUT, c)
 
     def _take(self, c: _Conn, now: float) -> None:
         """``c`` holds an upload slot: send its head piece. While its sender fetches the blob
@@ -992,15 +1011,9 @@ class Simulator:
         shortcut = self.dry_shortcut
         depth = self.depth
         wanted = index + self.num_pieces  # its place in the want half of a node's state
-        # The HAVEs go out in a random rotation of dst's downloaders: in the agent they race
-        # (one task per connection, trio's shuffled scheduling, network latency), and a fixed
-        # order would let one downloader win every first-come decision (upload slots,
-        # super-seeding) at dst.
-        uploads = list(dst.uploads)
-        if len(uploads) > 1:
-            start = int(self.order_rng.random() * len(uploads))
-            uploads = uploads[start:] + uploads[:start]
-        for u in uploads:
+        # (Their order does not matter: requests that arrive at once are granted upload slots
+        # at the end of the batch, in random order, see _send.)
+        for u in dst.uploads:
             state = u.state
             state[index] += 1
             if state[wanted]:
