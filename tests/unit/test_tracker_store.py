@@ -221,3 +221,27 @@ async def test_handout_load_decays() -> None:
     assert await s.handout_load([A, B, C], 0.0) == {A: 2.0, B: 1.0}
     decayed = await s.handout_load([A], 10.0)
     assert abs(decayed[A] - 1.0) < 1e-9
+
+
+async def test_handout_candidates_are_sampled_tiers_of_live_peers() -> None:
+    import random
+
+    from p2preg.handout import PeerRef
+
+    s = store(peer_ttl=30.0, handout_sample=60)
+    for n in range(1, 201):
+        seeder = n % 10 == 0
+        at = n / 10
+        record = PeerRecord(n.to_bytes(16, "big"), f"h{n}", "z", seeder, 5 if seeder else 1, at)
+        await s.announce(BLOB, record, at)
+    me = PeerRef(bytes(16), "z")
+    rng = random.Random(1)
+    got = await s.handout_candidates(BLOB, me, 50, rng, 20.0)
+    # 20 seeders (all: fewer than the sample) cannot fill 50; 180 leechers: a sample of 60.
+    assert sum(r.complete for r in got) == 20 and sum(not r.complete for r in got) == 60
+    assert len({r.peer_id for r in got}) == 80
+    # Peers announced more than peer_ttl ago are gone, here and from the tiers.
+    got = await s.handout_candidates(BLOB, me, 50, rng, 30.0 + 15.0)
+    assert all(r.announced_at >= 15.0 for r in got)
+    assert len(await s.peers(BLOB, 45.0)) == 51  # announced at 15.0 .. 20.0
+    assert (await s.stats())["peers"] == 51
