@@ -190,6 +190,7 @@ class _Node:
         "rated_up",
         "read_pos",
         "record",
+        "sending",
         "sent",
         "served",
         "slots",
@@ -244,6 +245,7 @@ class _Node:
         # head request waits for one (-> when it started waiting, for the order), how often
         # each piece was sent, and to whom each piece was last sent (super-seeding).
         self.slots = UPLOAD_SLOTS
+        self.sending: list[_Conn] = []  # active flows out (at most UPLOAD_SLOTS)
         self.waiters: dict[_Conn, tuple[float, float]] = {}  # -> (arrival, random tie-break)
         # (times its head piece was sent, arrival, tie-break, push number, conn) (_grant)
         self.wait_heap: list[tuple[int, float, float, int, _Conn]] = []
@@ -746,40 +748,39 @@ class Simulator:
         self.dirty_links = {}
         self.stats["rate_updates"] += len(todo)
         schedule = self._schedule
+        # Every sender of a flow to re-rate splits its upload again over all its active flows
+        # (at most UPLOAD_SLOTS), together, so their rates never add up to more than it has.
+        senders: dict[_Node, None] = {}
         for c in todo:
-            src, dst = c.src, c.dst
-            rate = src.up / src.n_up
-            share = dst.down / dst.n_down
-            if share < rate:
-                rate = share
-            zone_link = c.link
-            if zone_link is not None:
-                share = zone_link.cap / zone_link.n
-                if share < rate:
-                    rate = share
-            if rate != c.rate:
-                if c.rate > 0.0:
-                    c.remaining -= c.rate * (now - c.last)
-                    if c.remaining < 0.0:
-                        c.remaining = 0.0
-                c.last = now
-                c.rate = rate
-                schedule(c, now)
+            senders[c.src] = None
+        for src in senders:
+            flows = src.sending
+            if len(flows) == 1:
+                rates = [min(src.up, self._cap(flows[0]))]
+            else:
+                rates = _water_fill(src.up, [self._cap(f) for f in flows])
+            for c, rate in zip(flows, rates, strict=True):
+                if rate != c.rate:
+                    if c.rate > 0.0:
+                        c.remaining -= c.rate * (now - c.last)
+                        if c.remaining < 0.0:
+                            c.remaining = 0.0
+                    c.last = now
+                    c.rate = rate
+                    schedule(c, now)
 
     @staticmethod
-    def _rate(c: _Conn) -> float:
-        """The flow's proportional share: the least of its sender's upload, its receiver's
-        download and its zone link, each split equally among the active flows using it."""
-        rate = c.src.up / c.src.n_up
-        share = c.dst.down / c.dst.n_down
-        if share < rate:
-            rate = share
+    def _cap(c: _Conn) -> float:
+        """What the flow's receiver side allows: its equal share of the receiver's download and
+        of its zone link (a share that can only shrink until the flow is re-rated)."""
+        dst = c.dst
+        cap = dst.down / dst.n_down
         link = c.link
         if link is not None:
             share = link.cap / link.n
-            if share < rate:
-                rate = share
-        return rate
+            if share < cap:
+                cap = share
+        return cap
 
     # -- flows -------------------------------------------------------------------------------------
 
@@ -901,6 +902,7 @@ class Simulator:
         c.rate = 0.0
         self.fresh.append(c)
         src, dst = c.src, c.dst
+        src.sending.append(c)
         src.n_up += 1
         dst.n_down += 1
         self.dirty[src] = None
@@ -917,6 +919,7 @@ class Simulator:
         c.ver += 1
         c.due = math.inf
         src, dst = c.src, c.dst
+        src.sending.remove(c)
         src.n_up -= 1
         dst.n_down -= 1
         self.dirty[src] = None
@@ -969,22 +972,11 @@ class Simulator:
                 self._send(c, now)
             return
         if c.open:
-            if queue:
+            if queue:  # the origin's next piece: rated with the origin's flows (_rerate)
                 c.remaining = self.piece_bytes[queue[0]]
                 c.last = now
-                # the current share (see _rerate), then schedule
-                src = c.src
-                rate = src.up / src.n_up
-                share = dst.down / dst.n_down
-                if share < rate:
-                    rate = share
-                link = c.link
-                if link is not None:
-                    share = link.cap / link.n
-                    if share < rate:
-                        rate = share
-                c.rate = rate
-                self._schedule(c, now)
+                c.rate = 0.0
+                self.fresh.append(c)
             else:
                 self._deactivate(c)
 
@@ -1396,6 +1388,20 @@ class Simulator:
             self._grant_lease(stalled, now)
         else:
             self._lease_wake(max(earliest + STALL_TIMEOUT, now + STALL_POLL))
+
+
+def _water_fill(capacity: float, caps: list[float]) -> list[float]:
+    """Split ``capacity`` over flows that can each take at most ``caps[i]``: equal shares, and
+    what a capped flow cannot use goes to the others (max-min fair at one sender, as TCP flows
+    sharing an uplink settle)."""
+    rates = [0.0] * len(caps)
+    left, count = capacity, len(caps)
+    for i in sorted(range(len(caps)), key=caps.__getitem__):
+        rate = min(caps[i], left / count)
+        rates[i] = rate
+        left -= rate
+        count -= 1
+    return rates
 
 
 def _stock_pick(factory: PickerFactory) -> bool:
