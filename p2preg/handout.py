@@ -22,11 +22,13 @@ completeness as they are announced, so an announce never walks the whole swarm. 
 than ``sample`` records (``HANDOUT_SAMPLE``, 200) is represented by a uniform random sample of
 that many; the tiers needed to fill ``limit`` are passed to ``choose_peers``, which ranks them as
 above. An announce costs O(limit + sample) instead of O(swarm) (an announce storm of N nodes no
-longer costs O(N^2): 10,000 at once took 58 s of CPU with every candidate, under 2 s sampled),
-and it hands out better peers: with every candidate, "least handed out" meant "announced most
-recently", so the nodes of a rollout that all start at once formed long chains, each a piece
-behind the previous; a random sample spreads every node over the whole swarm
-(docs/simulator.md: p50 of a 3,000-node rollout 57.9 s with every candidate, 34.5 s sampled).
+longer costs O(N^2): 10,000 at once took 58 s of CPU with every candidate, 7 s sampled),
+and it hands out better peers: with every candidate, "least handed out" among leechers with no
+pieces (a whole rollout at its start) meant "announced most recently", so the nodes formed one
+long chain, each a piece behind the previous; from a sample they are the most recent of a random
+200, shorter chains (docs/simulator.md: a 3,000-node rollout's p50 57.9 s -> 34.5 s). Ranking
+leechers at random instead (no load) shortened them further but made the tail worse in the
+simulator (more piece timeouts at the early nodes everyone then dials), so load stays.
 """
 
 from __future__ import annotations

@@ -117,8 +117,10 @@ class SimConfig:
     handout_sample: int = HANDOUT_SAMPLE
     max_time: float | None = None  # stop here (None: 100 x the bound + 600 s)
     fail_nodes: tuple[tuple[int, float], ...] = ()  # (node, time) failures on top of the fraction
-    # What-if, not the agent (0: off, as the agent): a downloading node drops a peer that had
-    # nothing for it (no request, nothing to pick) for this long, and dials another.
+    # What-ifs, not the agent (the defaults are the agent's): download connections per node,
+    # and dropping a peer that had nothing for us (no request, nothing to pick) for this long
+    # to dial another (0: never, as the agent).
+    max_peers: int = MAX_PEERS
     replace_idle: float = 0.0
 
     def validate(self) -> None:
@@ -160,6 +162,10 @@ class SimConfig:
         if self.batch_window < 0:
             raise ConfigError("--batch-window must not be negative")
         if self.handout_sample != 0 and self.handout_sample < HANDOUT_LIMIT:
+        if not 1 <= self.max_peers <= MAX_CONNECTIONS:
+            raise ConfigError(f"--max-peers must be between 1 and {MAX_CONNECTIONS}")
+        if self.replace_idle < 0:
+            raise ConfigError("--replace-idle must not be negative")
             raise ConfigError(f"handout_sample must be 0 (all) or at least {HANDOUT_LIMIT}")
 
 
@@ -401,6 +407,8 @@ class SimResult:
                     "start_spread_s": cfg.start_spread,
                 },
                 "stats": self.stats,
+                    "max_peers": cfg.max_peers,
+                    "replace_idle_s": cfg.replace_idle,
                 "completion_s": self.completion_s,
             }
         )
@@ -1246,7 +1254,7 @@ class Simulator:
     def _dial_more(self, node: _Node, now: float, announced: bool = False) -> None:
         if not node.alive or not node.swarming or node.done_at is not None:
             return
-        need = MAX_PEERS - len(node.downloads)
+        need = self.cfg.max_peers - len(node.downloads)
         if need <= 0:
             return
         retry = math.inf
@@ -1470,6 +1478,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--progress",
         action=argparse.BooleanOptionalAction,
+    add(
+        "--max-peers",
+        metavar="N",
+        default=str(MAX_PEERS),
+        help=f"what-if: download connections per node (the agent's: {MAX_PEERS})",
+    )
+    add(
+        "--replace-idle",
+        metavar="DURATION",
+        default="0",
+        help="what-if: drop a peer that had nothing for us this long and dial another "
+        "(default 0: never, as the agent)",
+    )
         default=None,
         help="show progress on stderr while running (default: when stderr is a terminal)",
     )
@@ -1528,6 +1549,8 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     return config
 
 
+        max_peers=_int(args.max_peers, "--max-peers"),
+        replace_idle=parse_duration(args.replace_idle, "--replace-idle"),
 def plot(result: SimResult, path: Path) -> None:
     """Completion-time CDF against the bound, and the origin's egress over time, as a PNG."""
     from simulations.plots import plot_rollout

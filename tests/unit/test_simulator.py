@@ -425,3 +425,20 @@ def test_origin_egress_is_a_cumulative_series() -> None:
     # The origin sends at most its upload rate: 20 MiB/s here.
     assert all(b[1] <= 20 * MiB * b[0] * 1.0001 for b in egress[1:])
     assert result.summary()["origin_egress"][-1] == [egress[-1][0], result.origin_bytes]
+
+
+def test_what_ifs_default_to_the_agent_and_change_the_rollout() -> None:
+    from agent import swarm
+
+    fields = SimConfig.__dataclass_fields__
+    assert fields["max_peers"].default == swarm.MAX_PEERS
+    assert fields["replace_idle"].default == 0.0  # the agent never replaces a peer
+    config = {"nodes": 80, "blob_size": 64 * MiB, "node_upload": 10 * MiB, "seed": 5}
+    plain = _run(**config)
+    assert plain.stats["replaced"] == 0
+    replaced = _run(**config, replace_idle=1.0)
+    assert replaced.stats["replaced"] > 0 and replaced.incomplete == 0
+    wider = _run(**config, max_peers=16)
+    assert wider.incomplete == 0
+    assert wider.summary()["model"]["max_peers"] == 16
+    assert wider.completion_s != plain.completion_s
