@@ -161,11 +161,11 @@ class SimConfig:
             raise ConfigError("--pick-count must be at least 1")
         if self.batch_window < 0:
             raise ConfigError("--batch-window must not be negative")
-        if self.handout_sample != 0 and self.handout_sample < HANDOUT_LIMIT:
         if not 1 <= self.max_peers <= MAX_CONNECTIONS:
             raise ConfigError(f"--max-peers must be between 1 and {MAX_CONNECTIONS}")
         if self.replace_idle < 0:
             raise ConfigError("--replace-idle must not be negative")
+        if self.handout_sample != 0 and self.handout_sample < HANDOUT_LIMIT:
             raise ConfigError(f"handout_sample must be 0 (all) or at least {HANDOUT_LIMIT}")
 
 
@@ -404,11 +404,11 @@ class SimResult:
                     "batch_window_s": cfg.batch_window,
                     "handout_sample": cfg.handout_sample,
                     "fail_fraction": cfg.fail_fraction,
+                    "max_peers": cfg.max_peers,
+                    "replace_idle_s": cfg.replace_idle,
                     "start_spread_s": cfg.start_spread,
                 },
                 "stats": self.stats,
-                    "max_peers": cfg.max_peers,
-                    "replace_idle_s": cfg.replace_idle,
                 "completion_s": self.completion_s,
             }
         )
@@ -1473,11 +1473,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=f"{DEFAULT_BATCH_WINDOW * 1000:g}ms",
         help="events this close together are handled as one batch (1ms)",
     )
-    add("--max-time", metavar="DURATION", help="stop the simulation at this simulated time")
-    add("--json", metavar="FILE", help="write the results as JSON ('-' for stdout)")
-    add(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
     add(
         "--max-peers",
         metavar="N",
@@ -1491,6 +1486,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="what-if: drop a peer that had nothing for us this long and dial another "
         "(default 0: never, as the agent)",
     )
+    add("--max-time", metavar="DURATION", help="stop the simulation at this simulated time")
+    add("--json", metavar="FILE", help="write the results as JSON ('-' for stdout)")
+    add(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
         default=None,
         help="show progress on stderr while running (default: when stderr is a terminal)",
     )
@@ -1544,13 +1544,13 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         pick_count=_int(args.pick_count, "--pick-count"),
         batch_window=parse_duration(args.batch_window, "--batch-window"),
         max_time=parse_duration(args.max_time, "--max-time") if args.max_time else None,
+        max_peers=_int(args.max_peers, "--max-peers"),
+        replace_idle=parse_duration(args.replace_idle, "--replace-idle"),
     )
     config.validate()
     return config
 
 
-        max_peers=_int(args.max_peers, "--max-peers"),
-        replace_idle=parse_duration(args.replace_idle, "--replace-idle"),
 def plot(result: SimResult, path: Path) -> None:
     """Completion-time CDF against the bound, and the origin's egress over time, as a PNG."""
     from simulations.plots import plot_rollout
