@@ -600,7 +600,9 @@ class Simulator:
             origin_bytes=self.origin_bytes,
             peer_bytes=self.peer_bytes,
             inter_zone_bytes=self.inter_zone_bytes,
-            origin_egress=self.origin_egress,
+            # (and its total at the end, so a plot's line runs to the end of the rollout)
+            origin_egress=self.origin_egress
+            + ([(self.now, self.origin_bytes)] if self.now > self.origin_egress[-1][0] else []),
             end_s=self.now,
             stats=dict(self.stats),
             picker=_name(self.picker_factory),
@@ -763,10 +765,19 @@ class Simulator:
             senders[c.src] = None
         for src in senders:
             flows = src.sending
+            up = src.up
             if len(flows) == 1:
-                rates = [min(src.up, self._cap(flows[0]))]
+                rates = [min(up, self._cap(flows[0]))]
+            elif len(flows) == 2:  # _water_fill for two flows, inline (the common case)
+                a, b = self._cap(flows[0]), self._cap(flows[1])
+                if a <= b:
+                    ra = min(a, up / 2)
+                    rates = [ra, min(b, up - ra)]
+                else:
+                    rb = min(b, up / 2)
+                    rates = [min(a, up - rb), rb]
             else:
-                rates = _water_fill(src.up, [self._cap(f) for f in flows])
+                rates = _water_fill(up, [self._cap(f) for f in flows])
             for c, rate in zip(flows, rates, strict=True):
                 if rate != c.rate:
                     if c.rate > 0.0:

@@ -420,8 +420,11 @@ def test_handout_is_the_trackers_sampled_policy() -> None:
 def test_origin_egress_is_a_cumulative_series() -> None:
     result = _run(nodes=20, fail_nodes=((0, 1.0),))
     egress = result.origin_egress
-    assert egress[0] == (0.0, 0) and egress[-1][1] == result.origin_bytes
-    assert all(a[0] <= b[0] and a[1] < b[1] for a, b in itertools.pairwise(egress))
+    assert egress[0] == (0.0, 0) and egress[-1] == (result.end_s, result.origin_bytes)
+    # A point per piece the origin served (4 MiB each), then the total at the end.
+    steps = [b[1] - a[1] for a, b in itertools.pairwise(egress[:-1])]
+    assert steps and all(step == 4 * MiB for step in steps)
+    assert all(a[0] <= b[0] for a, b in itertools.pairwise(egress))
     # The origin sends at most its upload rate: 20 MiB/s here.
     assert all(b[1] <= 20 * MiB * b[0] * 1.0001 for b in egress[1:])
     assert result.summary()["origin_egress"][-1] == [egress[-1][0], result.origin_bytes]
