@@ -66,7 +66,6 @@ MAX_PEERS = 8  # download connections per blob (agent/swarm.py)
 MAX_IN_FLIGHT = 8  # requests in flight per peer (agent/swarm.py) ...
 MAX_IN_FLIGHT_BYTES = 8 * 1024 * 1024  # ... and at most this many bytes of them
 MAX_CONNECTIONS = 512  # connections a peer server accepts (agent/peer_server.py)
-REFUSE_ON_ARRIVAL = True  # agent/peer_server.py refuses super-seeded pieces before queueing
 UPLOAD_SLOTS = 2  # pieces an agent sends at once, over all connections (agent/peer_server.py)
 REFUSAL_BACKOFF = 0.5  # a refused piece is not asked of that peer again this long (swarm.py)
 REDIAL_BACKOFF = 2.0  # seconds before an address is dialled again (agent/swarm.py)
@@ -810,19 +809,6 @@ class Simulator:
         if src is self.origin:
             self._activate(c, now)
             return
-        if src.origin_conn is not None and REFUSE_ON_ARRIVAL:
-            # The agent refuses a piece the origin fetcher already sent to another connected
-            # peer as soon as the request arrives, without queueing it for an upload slot.
-            queue, served = c.queue, src.served
-            while queue:
-                other = served.get(queue[0])
-                if other is None or other is c or not other.open:
-                    break
-                index = queue.pop(0)
-                del c.req_at[0]
-                self._refused(c, index, now)
-            if not queue:
-                return
         # Queued first, granted at the end of the batch (_grant): requests that reach a peer
         # at the same moment race in the agent, so none may win by the simulator's order.
         token = (now, self.order_rng.random())
