@@ -30,6 +30,10 @@ from p2preg.metainfo import MetaInfo
 MAX_PENDING_BYTES = 32 * 1024 * 1024
 
 
+# Pieces up to this size are verified and written on the event loop (see write_piece).
+INLINE_WRITE_MAX = 512 * 1024
+
+
 class BlobAssembly:
     def __init__(
         self,
@@ -99,7 +103,13 @@ class BlobAssembly:
             self._pwrite(data, offset)
             return True
 
-        if not await trio.to_thread.run_sync(verify_and_write):
+        if len(data) <= INLINE_WRITE_MAX:
+            # Small pieces: checking and writing here (~0.1 ms for 256 KiB) costs less than
+            # the hop to a worker thread and back, which dominated at 80 pieces/s.
+            good = verify_and_write()
+        else:
+            good = await trio.to_thread.run_sync(verify_and_write)
+        if not good:
             self.rejected_pieces.append(index)
             return False
         if self.pieces.add(index):

@@ -373,6 +373,6 @@ class PeerServer:
             await subscriber.wakeup.wait()
             subscriber.wakeup = trio.Event()
             pending, subscriber.pending = subscriber.pending, {}
-            for digest, indexes in pending.items():
-                for index in indexes:
-                    await subscriber.link.send(Have(digest, index))
+            await subscriber.link.send_many(
+                Have(digest, index) for digest, indexes in pending.items() for index in indexes
+            )

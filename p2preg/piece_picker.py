@@ -107,7 +107,12 @@ class PiecePicker:
     # -- the choice ----------------------------------------------------------------------------
 
     def pick(
-        self, peer: Bitfield, count: int, read_position: int = 0, *, exclude: Iterable[int] = ()
+        self,
+        peer: Bitfield | Set[int],
+        count: int,
+        read_position: int = 0,
+        *,
+        exclude: Iterable[int] = (),
     ) -> list[int]:
         """Up to ``count`` pieces to request from a peer holding ``peer``.
 
@@ -117,7 +122,8 @@ class PiecePicker:
             return []
         excluded = exclude if isinstance(exclude, Set | dict) else set(exclude)
         known = self.known
-        if isinstance(peer, set | frozenset):  # a set of piece indexes (the simulator's)
+        held: Iterable[int]
+        if isinstance(peer, set | frozenset):  # a set of piece indexes (the agent's, the sim's)
             held = self.unrequested & peer
         else:
             held = [i for i in self.unrequested if i in peer]
