@@ -15,7 +15,7 @@ A discrete-event, flow-level model (docs/simulator.md has the whole story):
   to 8 of the peers it hands out and request pieces, 2 x 4 MiB in flight per peer. A node whose
   swarm made no progress for the stall timeout takes the lease once it expires (holder dead or
   done) and streams the rest from the origin.
-* As the agent's peer server: a node sends at most 2 pieces at once (upload slots, least-sent
+* As the agent's peer server: a node sends at most UPLOAD_SLOTS pieces at once (the least-sent
   piece first, then the longest waiting request), and the origin fetcher refuses a piece it
   already sent to a peer that is still connected (super-seeding); refused requesters back off.
 * A piece being sent is one fluid flow. Its rate is the smallest of its equal share of the
@@ -68,8 +68,7 @@ MAX_PEERS = 8  # download connections per blob (agent/swarm.py)
 MAX_IN_FLIGHT = 8  # requests in flight per peer (agent/swarm.py) ...
 MAX_IN_FLIGHT_BYTES = 8 * 1024 * 1024  # ... and at most this many bytes of them
 MAX_CONNECTIONS = 512  # connections a peer server accepts (agent/peer_server.py)
-REFUSE_ON_ARRIVAL = True  # agent/peer_server.py refuses super-seeded pieces before queueing
-UPLOAD_SLOTS = 2  # pieces an agent sends at once, over all connections (agent/peer_server.py)
+UPLOAD_SLOTS = 3  # pieces an agent sends at once, over all connections (agent/peer_server.py)
 REFUSAL_BACKOFF = 0.5  # a refused piece is not asked of that peer again this long (swarm.py)
 REDIAL_BACKOFF = 2.0  # seconds before an address is dialled again (agent/swarm.py)
 ANNOUNCE_INTERVAL = 1.0  # agent/swarm_coordinator.py
@@ -812,19 +811,6 @@ class Simulator:
         if src is self.origin:
             self._activate(c, now)
             return
-        if src.origin_conn is not None and REFUSE_ON_ARRIVAL:
-            # The agent refuses a piece the origin fetcher already sent to another connected
-            # peer as soon as the request arrives, without queueing it for an upload slot.
-            queue, served = c.queue, src.served
-            while queue:
-                other = served.get(queue[0])
-                if other is None or other is c or not other.open:
-                    break
-                index = queue.pop(0)
-                del c.req_at[0]
-                self._refused(c, index, now)
-            if not queue:
-                return
         # Queued first, granted at the end of the batch (_grant): requests that reach a peer
         # at the same moment race in the agent, so none may win by the simulator's order.
         token = (now, self.order_rng.random())
