@@ -57,7 +57,7 @@ class UploadSlots:
 
     Store and forward: a piece is useful to its receiver (who passes it on) only once it is
     whole. Sending k pieces at once at 1/k of the uplink each delays every one of them k-fold;
-    sending them one or two at a time at full rate lets the first receivers forward sooner. The
+    sending a few at a time at full rate lets the first receivers forward sooner. The
     next slot goes to the waiting request whose piece this agent has sent least often (a piece
     nobody has from us yet spreads the swarm; another copy of one we already sent can also come
     from the peer we sent it to), then to the one that waited longest.
@@ -140,8 +140,8 @@ class PeerServer:
         self._download = download
         self._active_sources: SourceLookup = lambda digest: None
         self._subscribers: dict[Digest, set[_Subscriber]] = {}
-        # (digest, piece) -> when and to whom we last sent it (bounded: pruned when large).
-        self._recent_serves: dict[tuple[Digest, int], tuple[float, PeerLink]] = {}
+        # (digest, piece) -> the link we last sent it on (bounded: pruned when large).
+        self._recent_serves: dict[tuple[Digest, int], PeerLink] = {}
         self._live_links: set[PeerLink] = set()
         self._connections = 0
         self._slots = UploadSlots(UPLOAD_SLOTS)
@@ -298,7 +298,7 @@ class PeerServer:
             await link.send(Reject(request.digest, request.index, "fetch it from a peer"))
             self.refusals += 1
             return
-        self._recent_serves[key] = (trio.current_time(), link)
+        self._recent_serves[key] = link
         offset, length = source.metainfo.span(request.index)
         fd = source.open_fd()
         if fd is None:
@@ -313,13 +313,8 @@ class PeerServer:
         self.bytes_served += length
 
     def _served_elsewhere(self, key: tuple[Digest, int], link: PeerLink) -> bool:
-        served = self._recent_serves.get(key)
-        if served is None:
-            return False
-        _when, other = served
-        if other is link:
-            return False
-        return other in self._live_links
+        other = self._recent_serves.get(key)
+        return other is not None and other is not link and other in self._live_links
 
     async def _get_meta(self, link: PeerLink, digest: Digest) -> None:
         source = self.source_for(digest)

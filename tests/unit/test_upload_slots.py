@@ -1,0 +1,76 @@
+"""UploadSlots (agent/peer_server.py): how many pieces leave an agent at once, and who is next."""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+
+from agent.peer_server import UploadSlots
+from p2preg.digest import Digest
+
+D = Digest.parse("sha256:" + "ab" * 32)
+
+
+async def test_at_most_n_at_once_and_least_sent_piece_next() -> None:
+    slots = UploadSlots(2)
+    slots.sent[(D, 7)] = 3  # piece 7 already went out three times, piece 9 never
+    order: list[int] = []
+    done = {index: trio.Event() for index in (1, 2, 7, 9)}
+    active = 0
+    peak = 0
+
+    async def send(index: int) -> None:
+        nonlocal active, peak
+        async with slots.slot((D, index)):
+            active += 1
+            peak = max(peak, active)
+            order.append(index)
+            await done[index].wait()
+            active -= 1
+
+    async with trio.open_nursery() as nursery:
+        for index in (1, 2, 7, 9):  # 1 and 2 take the two slots; 7 (first) and 9 wait
+            nursery.start_soon(send, index)
+            await trio.testing.wait_all_tasks_blocked()
+        assert order == [1, 2] and active == 2
+        done[1].set()  # one slot frees: the piece never sent goes first, though 7 came first
+        await trio.testing.wait_all_tasks_blocked()
+        assert order == [1, 2, 9]
+        done[2].set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert order == [1, 2, 9, 7]
+        done[7].set()
+        done[9].set()
+    assert peak == 2
+
+
+async def test_a_cancelled_waiter_gives_up_its_place_without_leaking_a_slot() -> None:
+    slots = UploadSlots(1)
+    got: list[int] = []
+    hold = trio.Event()
+
+    async def send(index: int) -> None:
+        async with slots.slot((D, index)):
+            got.append(index)
+            await hold.wait()
+
+    gives_up = trio.CancelScope()
+
+    async def impatient() -> None:
+        with gives_up:
+            await send(2)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send, 1)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(impatient)
+        await trio.testing.wait_all_tasks_blocked()
+        gives_up.cancel()  # 2 leaves the queue before it got the slot
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(send, 3)
+        await trio.testing.wait_all_tasks_blocked()
+        hold.set()
+    assert got == [1, 3]
+    with trio.fail_after(1):  # the one slot is free again
+        async with slots.slot((D, 4)):
+            pass
