@@ -488,7 +488,8 @@ class Emulation:
 
         cpu_thread = threading.Thread(target=sample_cpu, daemon=True)
         cpu_thread.start()
-        egress.start(time.monotonic())
+        sampling_since = time.monotonic()
+        egress.start(sampling_since)
         try:
             bt = run_bittorrent(
                 work,
@@ -511,9 +512,14 @@ class Emulation:
         result.peer_bytes = bt.peer_upload_bytes
         result.clients = dict(bt.clients)
         result.notes = list(bt.notes)
-        # The sampler starts before run_bittorrent's own t=0 (seeder start, torrent registered);
-        # keep it anyway: the seeder uploads nothing before the leechers start.
-        result.origin_egress = egress.samples
+        # The sampler started before run_bittorrent's t = 0 (the seeder's hash check and its
+        # registration at the tracker): shift the samples to t = 0 and count bytes from there.
+        offset = (bt.t0_monotonic - sampling_since) if bt.t0_monotonic else 0.0
+        before = [b for t, b in egress.samples if t <= offset]
+        base = before[-1] if before else 0
+        result.origin_egress = [
+            (round(t - offset, 3), b - base) for t, b in egress.samples if t > offset
+        ]
         if not isinstance(testbed, NetnsTestbed):  # no live counter: one point at the end
             end = max((t for t in result.times if t is not None), default=0.0)
             result.origin_egress = [(end, bt.seeder_upload_bytes)]
