@@ -61,7 +61,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -791,31 +791,32 @@ class NodeResult:
         return max(0, self.blob_bytes - self.bytes_from_origin)
 
 
-def run_pulls(
-    targets: Sequence[tuple[str, str, Namespace | None]],
-    blob: Blob,
-    timeout: float,
-    extra_args: Sequence[str],
-    monitor: CpuMonitor,
-) -> list[NodeResult]:
-    """Start one curl per (node, base URL, namespace) at once; wait (bounded) for all of them.
+@dataclass(slots=True)
+class Finished:
+    """One command of run_concurrently: when it exited, and what it said."""
 
-    Every download is checked for HTTP 200 and the full size; the agent itself checks the
-    blob's sha256 and aborts a response (curl then fails) if it does not match.
+    seconds: float  # from the common start to its exit
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_concurrently(
+    argvs: Sequence[Sequence[str]], timeout: float, tick: Callable[[int, float], None]
+) -> list[Finished]:
+    """Start every command at the same moment and wait (bounded by ``timeout`` + 15 s) for all.
+
+    ``tick(pending, elapsed)`` runs on every poll (CPU sampling, progress lines). Commands still
+    running when this returns or raises are killed.
     """
-    results = [NodeResult(node) for node, _, _ in targets]
-    argvs = []
-    for _, base, netns in targets:
-        argv = ["curl", "-s", "-S", "-o", "/dev/null", "--noproxy", "*"]
-        argv += ["--max-time", f"{timeout:.0f}", "-w", CURL_FORMAT, *extra_args, blob.url(base)]
-        argvs.append(wrap(argv, netns))
     processes: list[subprocess.Popen[str]] = []
+    exited_at: dict[int, float] = {}
     started = time.monotonic()
     try:
         for argv in argvs:
             processes.append(
                 subprocess.Popen(
-                    argv,
+                    list(argv),
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
@@ -828,22 +829,17 @@ def run_pulls(
         while pending:
             for index in sorted(pending):
                 if processes[index].poll() is not None:
-                    results[index].seconds = time.monotonic() - started
+                    exited_at[index] = time.monotonic() - started
                     pending.discard(index)
-            monitor.sample()
+            tick(len(pending), time.monotonic() - started)
             if time.monotonic() > deadline:
                 raise BenchError(f"{len(pending)} pulls still running after {timeout + 15:.0f}s")
             time.sleep(POLL_INTERVAL)
-        for result, process in zip(results, processes, strict=True):
+        finished = []
+        for index, process in enumerate(processes):
             stdout, stderr = process.communicate(timeout=5)
-            fields = stdout.split()
-            if process.returncode != 0 or len(fields) != 3:
-                result.error = f"curl exit {process.returncode}: {stderr.strip()[:200]}"
-                continue
-            status, size, seconds = fields
-            result.curl_seconds = float(seconds)
-            if status != "200" or int(size) != blob.size:
-                result.error = f"HTTP {status}, {size} of {blob.size} bytes"
+            finished.append(Finished(exited_at[index], process.returncode, stdout, stderr))
+        return finished
     finally:
         with deferred_signals():
             for process in processes:
@@ -851,6 +847,38 @@ def run_pulls(
                     process.kill()
                     with contextlib.suppress(subprocess.TimeoutExpired):
                         process.communicate(timeout=5)
+
+
+def run_pulls(
+    targets: Sequence[tuple[str, str, Namespace | None]],
+    blob: Blob,
+    timeout: float,
+    extra_args: Sequence[str],
+    monitor: CpuMonitor,
+) -> list[NodeResult]:
+    """Start one curl per (node, base URL, namespace) at once; wait (bounded) for all of them.
+
+    Every download is checked for HTTP 200 and the full size; the agent itself checks the
+    blob's sha256 and aborts a response (curl then fails) if it does not match.
+    """
+    argvs = []
+    for _, base, netns in targets:
+        argv = ["curl", "-s", "-S", "-o", "/dev/null", "--noproxy", "*"]
+        argv += ["--max-time", f"{timeout:.0f}", "-w", CURL_FORMAT, *extra_args, blob.url(base)]
+        argvs.append(wrap(argv, netns))
+    finished = run_concurrently(argvs, timeout, lambda pending, elapsed: monitor.sample())
+    results = []
+    for (node, _, _), done in zip(targets, finished, strict=True):
+        result = NodeResult(node, seconds=done.seconds)
+        results.append(result)
+        fields = done.stdout.split()
+        if done.returncode != 0 or len(fields) != 3:
+            result.error = f"curl exit {done.returncode}: {done.stderr.strip()[:200]}"
+            continue
+        status, size, seconds = fields
+        result.curl_seconds = float(seconds)
+        if status != "200" or int(size) != blob.size:
+            result.error = f"HTTP {status}, {size} of {blob.size} bytes"
     return results
 
 
@@ -958,19 +986,52 @@ def record_links(
             node.wire_received = after[node.node][1] - before[node.node][1]
 
 
+def start_swarm(
+    stack: contextlib.ExitStack, setup: Setup, testbed: Testbed, run_name: str
+) -> tuple[Child, list[AgentProcess]]:
+    """A tracker and one agent per node, ready; ``stack`` stops them and wipes their dirs."""
+    tracker = start_tracker(setup, testbed, f"{run_name}-tracker")
+    stack.callback(tracker.close)
+    agents: list[AgentProcess] = []
+    for node in testbed.nodes:
+        agent = AgentProcess(setup, testbed, node, run_name)
+        stack.callback(agent.close)
+        agents.append(agent)
+    for agent in agents:
+        agent.wait_ready()
+    return tracker, agents
+
+
+def open_testbed(
+    cleanup: contextlib.ExitStack,
+    shaping: Shaping,
+    caps: Caps,
+    work: Path,
+    storage: Path,
+    origin: Child,
+    origin_port: int,
+    *,
+    netns_prefix: str,
+    agent_upload_limit: int | None = None,
+) -> Testbed:
+    """The links, around an origin on 127.0.0.1 that already holds the content: in netns mode
+    that origin stops and one in the origin's namespace serves the same storage."""
+    testbed: Testbed
+    if shaping == "netns":
+        origin.close()
+        lab = cleanup.enter_context(NetnsLab(prefix=netns_prefix))
+        testbed = NetnsTestbed(caps, lab, work, storage, agent_upload_limit)
+    else:
+        testbed = LimitsTestbed(caps, origin, origin_port)
+    cleanup.callback(testbed.close)
+    return testbed
+
+
 def measure_p2preg(setup: Setup, testbed: Testbed, run_name: str) -> SideResult:
     result = SideResult("p2preg")
     timeout = PULL_GRACE + PULL_SLACK * setup.caps.bound
     with contextlib.ExitStack() as stack:
-        tracker = start_tracker(setup, testbed, f"{run_name}-tracker")
-        stack.callback(tracker.close)
-        agents: list[AgentProcess] = []
-        for node in testbed.nodes:
-            agent = AgentProcess(setup, testbed, node, run_name)
-            stack.callback(agent.close)
-            agents.append(agent)
-        for agent in agents:
-            agent.wait_ready()
+        tracker, agents = start_swarm(stack, setup, testbed, run_name)
         progress(f"[{run_name}] p2preg: tracker and {len(agents)} agents ready; pulling")
         before, links_before = testbed.origin_counters(), testbed.link_counters()
         monitor = CpuMonitor(
@@ -1407,14 +1468,17 @@ def run(args: argparse.Namespace) -> int:
         blob.path.unlink()  # the origin holds it now
         progress(f"pushed {blob.digest}")
 
-        testbed: Testbed
-        if args.shaping == "netns":
-            origin.close()  # the origin in the namespace serves the same storage
-            lab = cleanup.enter_context(NetnsLab(prefix=f"p2ps-{os.getpid()}-"))
-            testbed = NetnsTestbed(caps, lab, work, storage, args.agent_upload_limit)
-        else:
-            testbed = LimitsTestbed(caps, origin, origin_port)
-        cleanup.callback(testbed.close)
+        testbed = open_testbed(
+            cleanup,
+            args.shaping,
+            caps,
+            work,
+            storage,
+            origin,
+            origin_port,
+            netns_prefix=f"p2ps-{os.getpid()}-",
+            agent_upload_limit=args.agent_upload_limit,
+        )
 
         secret_file = work / "cluster-secret"
         secret_file.write_text(secrets.token_hex(32) + "\n")
@@ -1447,7 +1511,7 @@ def run(args: argparse.Namespace) -> int:
 
 def copy_logs(work: Path, destination: Path) -> None:
     destination.mkdir(parents=True, exist_ok=True)
-    for log in work.glob("*.log"):
+    for log in work.rglob("*.log"):
         with contextlib.suppress(OSError):
             shutil.copy2(log, destination / log.name)
 

@@ -58,7 +58,6 @@ from simulations.bench_registry import (
     BenchError,
     Blob,
     agent_env,
-    child_env,
     curl_version,
     free_port,
     push_blob,
@@ -73,7 +72,6 @@ from simulations.bench_swarm import (
     PULL_GRACE,
     PULL_SLACK,
     TRACKER_IP,
-    AgentProcess,
     Caps,
     CpuMonitor,
     LimitsTestbed,
@@ -82,14 +80,15 @@ from simulations.bench_swarm import (
     Setup,
     Testbed,
     annotate_from_log,
-    start_tracker,
+    copy_logs,
+    open_testbed,
+    run_concurrently,
+    start_swarm,
     wait_committed,
 )
 from simulations.netns import (
     NetnsError,
-    NetnsLab,
     Terminated,
-    deferred_signals,
     netns_unavailable_reason,
     termination_raises,
     wrap,
@@ -307,59 +306,31 @@ def run_image_pulls(
     label: str,
 ) -> tuple[dict[str, float | None], dict[str, str]]:
     """One curl per (node, base URL, namespace), all started at once; bounded wait for all."""
-    times: dict[str, float | None] = {name: None for name, _, _ in targets}
-    errors: dict[str, str] = {}
-    processes: list[subprocess.Popen[str]] = []
-    started = time.monotonic()
-    egress.start(started)
+    argvs = [wrap(pull_argv(image, base, timeout, extra), netns) for _, base, netns in targets]
+    next_report = 5.0
+
+    def tick(pending: int, elapsed: float) -> None:
+        nonlocal next_report
+        monitor.sample()
+        if elapsed >= next_report and pending:
+            done = len(targets) - pending
+            say(f"{label}: {done}/{len(targets)} nodes done after {elapsed:.0f} s")
+            next_report = elapsed + 5.0
+
+    egress.start(time.monotonic())
     try:
-        for _, base, netns in targets:
-            processes.append(
-                subprocess.Popen(
-                    wrap(pull_argv(image, base, timeout, extra), netns),
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                    env=child_env(),
-                )
-            )
-        pending = set(range(len(processes)))
-        deadline = started + timeout + 15
-        next_report = started + 5.0
-        while pending:
-            for index in sorted(pending):
-                if processes[index].poll() is not None:
-                    times[targets[index][0]] = time.monotonic() - started
-                    pending.discard(index)
-            monitor.sample()
-            now = time.monotonic()
-            if now >= next_report and pending:
-                done = len(targets) - len(pending)
-                say(f"{label}: {done}/{len(targets)} nodes done after {now - started:.0f} s")
-                next_report = now + 5.0
-            if now > deadline:
-                raise BenchError(f"{len(pending)} pulls still running after {timeout + 15:.0f}s")
-            time.sleep(POLL_INTERVAL)
-        expected = image.urls("")
-        for (name, _, _), process in zip(targets, processes, strict=True):
-            stdout, stderr = process.communicate(timeout=5)
-            answers = [line.split() for line in stdout.splitlines() if line.strip()]
-            good = process.returncode == 0 and len(answers) == len(expected)
-            good = good and all(
-                a == ["200", str(size)] for a, (_, size) in zip(answers, expected, strict=False)
-            )
-            if not good:
-                errors[name] = f"curl exit {process.returncode}: {stdout.split()} {stderr[:200]}"
-                times[name] = None
+        finished = run_concurrently(argvs, timeout, tick)
     finally:
-        with deferred_signals():
-            for process in processes:
-                if process.poll() is None:
-                    process.kill()
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        process.communicate(timeout=5)
-            egress.stop()
+        egress.stop()
+    times: dict[str, float | None] = {}
+    errors: dict[str, str] = {}
+    expected = image.urls("")
+    for (name, _, _), done in zip(targets, finished, strict=True):
+        answers = [line.split() for line in done.stdout.splitlines() if line.strip()]
+        good = done.returncode == 0 and answers == [["200", str(size)] for _, size in expected]
+        times[name] = done.seconds if good else None
+        if not good:
+            errors[name] = f"curl exit {done.returncode}: {done.stdout.split()} {done.stderr[:200]}"
     return times, errors
 
 
@@ -384,15 +355,7 @@ class Emulation:
         result = SystemResult("p2preg", clients={"curl": curl_version()})
         timeout = PULL_GRACE + PULL_SLACK * setup.caps.bound
         with contextlib.ExitStack() as stack:
-            tracker = start_tracker(setup, testbed, "p2preg-tracker")
-            stack.callback(tracker.close)
-            agents: list[AgentProcess] = []
-            for node in testbed.nodes:
-                agent = AgentProcess(setup, testbed, node, "p2preg")
-                stack.callback(agent.close)
-                agents.append(agent)
-            for agent in agents:
-                agent.wait_ready()
+            _tracker, agents = start_swarm(stack, setup, testbed, "p2preg")
             say(f"p2preg: tracker and {len(agents)} agents ready; {len(agents)} pulls start")
             before, links_before = testbed.origin_counters(), testbed.link_counters()
             monitor = CpuMonitor(
@@ -891,7 +854,7 @@ def emulate(options: Options) -> Report:
         work = Path(tempfile.mkdtemp(prefix=f"p2pe-{os.getpid()}-", dir="/tmp"))
         cleanup.callback(shutil.rmtree, work, ignore_errors=True)
         if options.keep_logs is not None:
-            cleanup.callback(_copy_logs, work, options.keep_logs)
+            cleanup.callback(copy_logs, work, options.keep_logs)
         say(f"generating a {caps.blob_size / MiB:.0f} MiB random layer in {work}")
         layer = write_random_blob(work / "layer.bin", caps.blob_size)
         storage = work / "origin-storage"
@@ -903,14 +866,16 @@ def emulate(options: Options) -> Report:
         say(f"pushed {REPOSITORY}:{TAG} ({image.manifest_digest}), layer {layer.digest}")
         if "bittorrent" not in options.baselines:
             layer.path.unlink()
-        testbed: Testbed
-        if options.shaping == "netns":
-            origin.close()  # the origin inside its namespace serves the same storage
-            lab = cleanup.enter_context(NetnsLab(prefix=f"p2pe-{os.getpid()}-"))
-            testbed = NetnsTestbed(caps, lab, work, storage)
-        else:
-            testbed = LimitsTestbed(caps, origin, origin_port)
-        cleanup.callback(testbed.close)
+        testbed = open_testbed(
+            cleanup,
+            "netns" if options.shaping == "netns" else "limits",
+            caps,
+            work,
+            storage,
+            origin,
+            origin_port,
+            netns_prefix=f"p2pe-{os.getpid()}-",
+        )
         say(f"shaping: {testbed.describe()}")
         say(caps.describe_bound())
         secret_file = work / "cluster-secret"
@@ -960,13 +925,6 @@ def emulate(options: Options) -> Report:
         load_before,
         time.monotonic() - started,
     )
-
-
-def _copy_logs(work: Path, destination: Path) -> None:
-    destination.mkdir(parents=True, exist_ok=True)
-    for log in work.rglob("*.log"):
-        with contextlib.suppress(OSError):
-            shutil.copy2(log, destination / log.name)
 
 
 def run_from_args(args: argparse.Namespace) -> int:
