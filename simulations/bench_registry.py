@@ -912,20 +912,27 @@ def run(args: argparse.Namespace) -> int:
     return 1 if any(scenario.failed for scenario in scenarios.values()) else 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_until_done(body: Callable[[], int], say: Callable[[str], None], prefix: str) -> int:
+    """Run a benchmark's ``body`` with SIGTERM/SIGHUP raised as exceptions, so its cleanup
+    (processes, namespaces, files) runs however it ends; an interruption or a failure becomes
+    one line and an exit code instead of a traceback."""
     with termination_raises():
         try:
-            return run(args)
+            return body()
         except KeyboardInterrupt:
-            progress("interrupted; stopped every process and removed every namespace it made")
+            say("interrupted; stopped every process and removed every namespace it made")
             return 130
         except Terminated as exc:
-            progress(f"{exc}; stopped every process and removed every namespace it made")
+            say(f"{exc}; stopped every process and removed every namespace it made")
             return 128 + exc.signum
         except (BenchError, NetnsError, OSError, subprocess.SubprocessError) as exc:
-            progress(f"bench_registry: {exc}")
+            say(f"{prefix}: {exc}")
             return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_until_done(lambda: run(args), progress, "bench_registry")
 
 
 if __name__ == "__main__":

@@ -87,6 +87,7 @@ from simulations.bench_registry import (
     progress,
     push_blob,
     registry_version,
+    run_until_done,
     start_origin,
     wait_ready,
     write_random_blob,
@@ -97,10 +98,8 @@ from simulations.netns import (
     NetnsError,
     NetnsLab,
     Tbf,
-    Terminated,
     deferred_signals,
     netns_unavailable_reason,
-    termination_raises,
     wrap,
 )
 
@@ -701,6 +700,7 @@ class Setup:
     caps: Caps
     secret_file: Path
     agent_env: dict[str, str]
+    piece_length: str = PIECE_LENGTH  # the agents' --piece-length
 
 
 def start_tracker(setup: Setup, testbed: Testbed, name: str) -> Child:
@@ -736,7 +736,7 @@ class AgentProcess:
         argv += ["--peer-addr", node.peer_addr, "--tracker", f"http://{testbed.tracker_addr}"]
         argv += ["--cluster-secret-file", str(setup.secret_file), "--upstream", testbed.upstream]
         argv += ["--data-dir", str(self.data_dir), "--cache-size", str(cache_size)]
-        argv += ["--piece-length", PIECE_LENGTH, "--log-level", AGENT_LOG_LEVEL]
+        argv += ["--piece-length", setup.piece_length, "--log-level", AGENT_LOG_LEVEL]
         argv += testbed.agent_flags
         self.argv = argv
         self.child: Child | None = Child(
@@ -1518,18 +1518,7 @@ def copy_logs(work: Path, destination: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    with termination_raises():
-        try:
-            return run(args)
-        except KeyboardInterrupt:
-            progress("interrupted; stopped every process and removed every namespace it made")
-            return 130
-        except Terminated as exc:
-            progress(f"{exc}; stopped every process and removed every namespace it made")
-            return 128 + exc.signum
-        except (BenchError, NetnsError, OSError, subprocess.SubprocessError) as exc:
-            progress(f"bench_swarm: {exc}")
-            return 1
+    return run_until_done(lambda: run(args), progress, "bench_swarm")
 
 
 if __name__ == "__main__":

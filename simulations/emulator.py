@@ -52,7 +52,6 @@ import httpx
 
 from p2preg.errors import ConfigError
 from p2preg.units import parse_size
-from simulations import bench_swarm
 from simulations.bench_registry import (
     REPOSITORY,
     BenchError,
@@ -62,6 +61,7 @@ from simulations.bench_registry import (
     free_port,
     push_blob,
     registry_version,
+    run_until_done,
     start_origin,
     write_random_blob,
 )
@@ -88,9 +88,7 @@ from simulations.bench_swarm import (
 )
 from simulations.netns import (
     NetnsError,
-    Terminated,
     netns_unavailable_reason,
-    termination_raises,
     wrap,
 )
 
@@ -880,8 +878,9 @@ def emulate(options: Options) -> Report:
         say(caps.describe_bound())
         secret_file = work / "cluster-secret"
         secret_file.write_text(secrets.token_hex(32) + "\n")
-        setup = Setup(work, layer, caps, secret_file, agent_env(options.agent_src))
-        bench_swarm.PIECE_LENGTH = str(options.piece_length)  # the agents' --piece-length
+        setup = Setup(
+            work, layer, caps, secret_file, agent_env(options.agent_src), str(options.piece_length)
+        )
         emulation = Emulation(setup, testbed, image, layer.path)
         results: list[SystemResult] = []
         measures: list[tuple[str, Callable[[], SystemResult]]] = [
@@ -929,18 +928,11 @@ def emulate(options: Options) -> Report:
 
 def run_from_args(args: argparse.Namespace) -> int:
     options = options_from_args(args)
-    with termination_raises():
-        try:
-            report = emulate(options)
-        except KeyboardInterrupt:
-            say("interrupted; stopped every process and removed every namespace it made")
-            return 130
-        except Terminated as exc:
-            say(f"{exc}; stopped every process and removed every namespace it made")
-            return 128 + exc.signum
-        except (BenchError, NetnsError, OSError, subprocess.SubprocessError) as exc:
-            say(f"failed: {exc}")
-            return 1
+    return run_until_done(lambda: _emulate_and_report(options), say, "failed")
+
+
+def _emulate_and_report(options: Options) -> int:
+    report = emulate(options)
     print(report.text())
     if options.json is not None:
         options.json.write_text(json.dumps(report.to_json(), indent=2) + "\n")
