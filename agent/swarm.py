@@ -25,7 +25,6 @@ import trio
 
 from agent.assembly import BlobAssembly
 from agent.peer_link import PeerGone, PeerIdentity, PeerLink
-from p2preg.bitfield import Bitfield
 from p2preg.digest import Digest
 from p2preg.errors import LocalProtocolError, RemoteProtocolError
 from p2preg.metainfo import MetaInfo
@@ -57,9 +56,9 @@ TICK = 0.05
 @dataclass(slots=True)
 class _Peer:
     link: PeerLink
-    bits: Bitfield
-    # The same pieces as a set: C-speed membership, and the picker intersects sets directly
-    # (a Bitfield costs a Python call per piece, per pick: most of an agent's CPU at 256 KiB).
+    # The pieces it holds, as a set: C-speed membership, and the picker intersects sets
+    # directly (a Bitfield costs a Python call per piece, per pick: most of an agent's CPU at
+    # 256 KiB pieces).
     held: set[int] = field(default_factory=set)
     in_flight: dict[int, float] = field(default_factory=dict)  # piece -> requested at
     meta_asked: bool = False
@@ -160,7 +159,7 @@ class Swarm:
             if link.peer_id in self._banned or link.peer_id in self.peers:
                 await link.aclose()
                 return
-            peer = _Peer(link, Bitfield(self.picker.num_pieces))
+            peer = _Peer(link)
             self.peers[link.peer_id] = peer
             await link.send(Interest(self.digest))
             await self._read(peer)
@@ -198,14 +197,13 @@ class Swarm:
                     raise RemoteProtocolError("bitfield size does not match the metainfo")
                 if peer.counted:
                     self.picker.remove_peer(peer.held)
-                peer.bits, peer.counted = bits, True
-                peer.held = {i for i in range(bits.size) if i in bits}
+                peer.held, peer.counted = {i for i in range(bits.size) if i in bits}, True
                 self.picker.add_peer(peer.held)
                 await self._ask_meta_if_needed(peer, peer.held)
             elif isinstance(event, Have) and event.digest == self.digest:
-                if not 0 <= event.index < peer.bits.size:
+                if not 0 <= event.index < self.picker.num_pieces:
                     raise RemoteProtocolError(f"have for piece {event.index} out of range")
-                if peer.bits.add(event.index):
+                if event.index not in peer.held:
                     peer.held.add(event.index)
                     if peer.counted:
                         self.picker.peer_has(event.index)
