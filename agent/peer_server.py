@@ -105,7 +105,7 @@ class PieceSource:
 
     metainfo: MetaInfo | None
     pieces: Bitfield
-    downloading: bool
+    fetching_from_origin: bool  # this agent brings the blob into the swarm (super-seeding)
     # Opens a descriptor to read piece bytes from; the caller closes it. None: gone meanwhile.
     open_fd: Callable[[], int | None]
 
@@ -285,7 +285,7 @@ class PeerServer:
             await link.send(Reject(request.digest, request.index, "piece not held"))
             return
         key = (request.digest, request.index)
-        if source.downloading and self._served_elsewhere(key, link):
+        if source.fetching_from_origin and self._served_elsewhere(key, link):
             # Super-seeding at the origin fetcher: while this agent is fetching the blob from
             # the origin, a piece it already sent to a peer that is still connected is not sent
             # to a second one; that one gets it from the first. The fetcher's uplink is what
