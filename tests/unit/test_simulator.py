@@ -104,6 +104,15 @@ def test_upload_bound_case_respects_the_bound_and_the_known_gap() -> None:
     assert result.percentile(100) <= 15 * result.bound_s
 
 
+def test_a_redial_backoff_ending_at_a_wake_up_does_not_livelock() -> None:
+    # 8 nodes, 500 MiB, seed 2: a peer dropped at t ~ 30.11 s made `now - failed < 2.0` true
+    # at the wake-up scheduled for `failed + 2.0`, and the node woke at the same instant
+    # forever. The loop now raises on a livelock, so a regression fails instead of hanging.
+    result = _run(nodes=8, blob_size=500 * MiB, seed=2)
+    assert result.incomplete == 0
+    assert result.percentile(100) >= result.bound_s
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_never_faster_than_the_bound(seed: int) -> None:
     rng = random.Random(seed)
