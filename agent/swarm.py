@@ -28,7 +28,7 @@ from agent.peer_link import PeerGone, PeerIdentity, PeerLink
 from p2preg.digest import Digest
 from p2preg.errors import LocalProtocolError, RemoteProtocolError
 from p2preg.metainfo import MetaInfo
-from p2preg.piece_picker import PiecePicker
+from p2preg.piece_picker import PiecePicker, queued_to_take_over
 from p2preg.wire import (
     BitfieldMsg,
     Cancel,
@@ -64,6 +64,9 @@ class _Peer:
     meta_asked: bool = False
     refused: dict[int, float] = field(default_factory=dict)  # piece -> when it said no
     counted: bool = False  # its bits are in the picker's availability
+    # Requests we cancelled here to ask another peer (queued_to_take_over). The Cancel can
+    # cross the piece on the wire, so one of these may still arrive: it is not a protocol error.
+    cancelled: set[int] = field(default_factory=set)
 
 
 class Swarm:
@@ -227,10 +230,16 @@ class Swarm:
 
     async def _piece(self, peer: _Peer, event: Piece) -> None:
         index = event.index
-        if peer.in_flight.pop(index, None) is None:
-            raise RemoteProtocolError(f"unrequested piece {index}")
+        requested = peer.in_flight.pop(index, None) is not None
+        if not requested:
+            if index not in peer.cancelled:
+                raise RemoteProtocolError(f"unrequested piece {index}")
+            # Cancelled (moved to another peer, or an endgame copy came first), but this peer
+            # had started it: as good as any copy if we still lack it.
+            peer.cancelled.discard(index)
         if index in self.assembly.pieces or index in self._verifying:
-            self.picker.request_ended(index)
+            if requested:
+                self.picker.request_ended(index)
             self.stats["duplicates"] += 1  # an endgame copy that was already on its way
             return
         # The piece stays "requested" in the picker until it is verified and written (a thread
@@ -242,7 +251,8 @@ class Swarm:
         finally:
             self._verifying.discard(index)
         if not good:
-            self.picker.request_ended(index)
+            if requested:
+                self.picker.request_ended(index)
             log.warning(
                 "peer %s sent a bad piece %d of %s: banned", peer.link.address, index, self.digest
             )
@@ -254,7 +264,10 @@ class Swarm:
         log.debug("piece %d of %s from %s", index, self.digest, peer.link.address)
         self.picker.mark_have(index)  # also ends every request for it, ours included
         for other in list(self.peers.values()):
-            if other is not peer and index in other.in_flight:
+            # (Forgotten here too: a stale entry would look like a stalled request at the
+            # ticker; if the copy comes anyway, it is counted as a duplicate.)
+            if other is not peer and other.in_flight.pop(index, None) is not None:
+                other.cancelled.add(index)
                 await other.link.send(Cancel(self.digest, index))
         self._wakeup.set()
 
@@ -293,10 +306,33 @@ class Swarm:
             peer.in_flight[index] = now
             self.picker.request_started(index)
         self.stats["requests"] += len(chosen)
+        if not chosen and not peer.in_flight and not peer.refused:
+            # (Not at a peer that refused us lately: the origin fetcher, super-seeding, refuses
+            # pieces that others hold already; a moved request it refuses starts queueing anew.)
+            chosen = await self._take_over(peer, room, now)
         if chosen:
             log.debug("requested %s of %s from %s", chosen, self.digest, peer.link.address)
         for index in chosen:
             await peer.link.send(Request(self.digest, index))
+
+    async def _take_over(self, peer: _Peer, room: int, now: float) -> list[int]:
+        """Nothing fresh to ask ``peer`` for and nothing outstanding there: take over requests
+        of ours that wait at other peers behind another one (p2preg.piece_picker's
+        queued_to_take_over; simulator and agent share it). Each is cancelled where it waited;
+        the picker's count of requests for it does not change."""
+        queues = (
+            (other, list(other.in_flight))  # (dicts keep the order we sent them in)
+            for other in self.peers.values()
+            if other is not peer and len(other.in_flight) > 1
+        )
+        moves = queued_to_take_over(peer.held, queues, room)
+        for other, index in moves:
+            del other.in_flight[index]
+            other.cancelled.add(index)
+            peer.in_flight[index] = now
+            await other.link.send(Cancel(self.digest, index))
+        self.stats["taken_over"] += len(moves)
+        return [index for _, index in moves]
 
     async def _ticker(self) -> None:
         """Top up every peer's requests, and drop peers that stopped delivering."""

@@ -56,7 +56,7 @@ from p2preg.metainfo import (
     MIN_PIECE_LENGTH,
     piece_count,
 )
-from p2preg.piece_picker import PiecePicker
+from p2preg.piece_picker import PiecePicker, queued_to_take_over
 from p2preg.units import format_size, parse_duration, parse_size
 from simulations.sim_bounds import kumar_ross_bound, zone_bound
 from simulations.sim_fast import FastShuffleRandom, PieceSet, install_piece_sets
@@ -524,6 +524,7 @@ class Simulator:
             "duplicates": 0,
             "refusals": 0,
             "replaced": 0,
+            "taken_over": 0,
         }
 
     # -- scheduling ------------------------------------------------------------------------------
@@ -979,8 +980,9 @@ class Simulator:
             self._deliver(dst, index, now, c)
             if not c.open:
                 return  # closed meanwhile (dst complete): its slot went on already
-            if c.stash or not c.dry:
-                # (dry with an empty stash: nothing to ask until the peer announces a piece)
+            if c.stash or not c.dry or not queue:
+                # (dry with an empty stash: nothing to ask until the peer announces a piece,
+                # but with nothing asked of it either, it may take over a queued request)
                 self.refill[c] = None
             # The slot goes back; our next request asks for one again, at the end of the batch
             # with every request that arrived meanwhile (the agent's send loop asks for a slot
@@ -1028,6 +1030,8 @@ class Simulator:
             state = u.state
             state[index] += 1
             if state[wanted]:
+                if not u.queue and u.open and index not in u.dst.have:
+                    refill[u] = None  # requested elsewhere: maybe waiting there (_take_over)
                 continue
             w = u.dst
             if u.dry and shortcut and not w.endgame:
@@ -1046,6 +1050,8 @@ class Simulator:
                 u.req_at.append(now)
                 if not u.active and not u.waiting:
                     self._send(u, now)
+                elif len(queue) > 1:
+                    self._offer_queued(w)
                 if len(wp.in_flight) == self.num_pieces - len(w.have):
                     self._endgame(w)
             else:
@@ -1120,6 +1126,8 @@ class Simulator:
                 if len(chosen) < room and not c.dry:
                     chosen = self._pick(c, room, chosen, now)
         if not chosen:
+            if not queue:
+                self._take_over(c, room, now)
             return
         request = picker.request_started
         for index in chosen:
@@ -1129,10 +1137,56 @@ class Simulator:
             c.req_at.append(now)
         if not c.active and not c.waiting:
             self._send(c, now)
+        if len(queue) > 1:
+            self._offer_queued(dst)
         in_flight = picker.in_flight
         have = dst.have
         if not dst.endgame and len(in_flight) == self.num_pieces - len(have):
             self._endgame(dst)
+
+    def _offer_queued(self, dst: _Node) -> None:
+        """A request of ``dst`` was queued behind another: a peer it asks nothing of may take
+        it over (_take_over; the agent's ticker offers it to every such peer within 50 ms)."""
+        refill = self.refill
+        for other in dst.downloads.values():
+            if not other.queue:
+                refill[other] = None
+
+    def _take_over(self, c: _Conn, room: int, now: float) -> None:
+        """Nothing to pick from ``c``'s peer and nothing asked of it: it takes over requests of
+        its downloader that wait at other peers behind another one (the agent's rule, shared:
+        p2preg.piece_picker.queued_to_take_over). Only the head of a connection's queue can be
+        under way here, so the Cancel always wins (in the agent it may cross the piece). Not
+        to a peer that refused us a piece lately: the origin fetcher, super-seeding, refuses
+        pieces that others hold already, and a moved request it refuses is back at the end of
+        a queue."""
+        refused = c.refused
+        if refused:
+            for index, at in list(refused.items()):
+                if at + REFUSAL_BACKOFF <= now:
+                    del refused[index]
+            if refused:
+                return
+        dst = c.dst
+        queues = (
+            (other, other.queue)
+            for other in dst.downloads.values()
+            if other is not c and len(other.queue) > 1
+        )
+        moves = queued_to_take_over(c.src.have, queues, room)
+        if not moves:
+            return
+        for other, index in moves:
+            position = other.queue.index(index)
+            del other.queue[position]
+            del other.req_at[position]
+            other.dry = False  # room there now: its next pick may find something
+            self.refill[other] = None
+            c.queue.append(index)
+            c.req_at.append(now)
+        self.stats["taken_over"] += len(moves)
+        if not c.active and not c.waiting:
+            self._send(c, now)
 
     def _pick(self, c: _Conn, room: int, chosen: list[int], now: float) -> list[int]:
         """``chosen`` plus what the picker picks to fill ``room``; the surplus goes to the stash."""
