@@ -25,6 +25,7 @@ from p2preg.digest import Digest
 from p2preg.errors import ConfigError, LocalProtocolError, RemoteProtocolError
 from p2preg.metainfo import DEFAULT_PIECE_LENGTH, MetaInfo, piece_count, piece_hash
 from p2preg.token_bucket import RateLimiter
+from p2preg.upload_policy import upload_slots
 from p2preg.wire import (
     BitfieldMsg,
     Cancel,
@@ -45,11 +46,6 @@ log = logging.getLogger(__name__)
 IDLE_TIMEOUT = 300.0
 MAX_QUEUED_REQUESTS = 64
 MAX_CONNECTIONS = 512
-# Pieces sent at once, over all connections (see UploadSlots). Chosen with the simulator (max
-# completion / bound, tight case u = d = u_origin, mean of 4 seeds) for N = 4, 8, 16, 32:
-# 1 slot 1.52 1.48 2.61 2.90; 2 slots 1.52 1.75 2.16 2.32; 3 slots 1.47 1.60 2.05 2.19;
-# unlimited 1.47 1.43 2.16 2.51. The emulator (8 x 128 MiB @ 20 MiB/s) cannot tell 2 from 3.
-UPLOAD_SLOTS = 3
 
 
 class UploadSlots:
@@ -64,7 +60,8 @@ class UploadSlots:
     """
 
     def __init__(self, slots: int) -> None:
-        self._free = slots
+        self._limit = slots
+        self._free = slots  # below zero after a resize down, until enough sends end
         self._waiting: list[tuple[int, tuple[Digest, int], trio.Event]] = []
         self._seq = 0
         self.sent: collections.Counter[tuple[Digest, int]] = collections.Counter()
@@ -90,10 +87,25 @@ class UploadSlots:
         finally:
             self._release()
 
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    def resize(self, slots: int) -> None:
+        """Send at most ``slots`` at once from now on (sends under way are not interrupted)."""
+        self._free += slots - self._limit
+        self._limit = slots
+        while self._free > 0 and self._waiting:
+            self._free -= 1
+            self._grant()
+
     def _release(self) -> None:
-        if not self._waiting:
+        if self._free < 0 or not self._waiting:
             self._free += 1
             return
+        self._grant()
+
+    def _grant(self) -> None:
         best = min(self._waiting, key=lambda entry: (self.sent[entry[1]], entry[0]))
         self._waiting.remove(best)
         best[2].set()  # the slot passes straight to it
@@ -144,10 +156,18 @@ class PeerServer:
         self._recent_serves: dict[tuple[Digest, int], PeerLink] = {}
         self._live_links: set[PeerLink] = set()
         self._connections = 0
-        self._slots = UploadSlots(UPLOAD_SLOTS)
+        self._slots = UploadSlots(upload_slots(None))
         self.pieces_served = 0
         self.bytes_served = 0
         self.refusals = 0  # super-seeding refusals
+
+    def note_swarm_size(self, peers: int) -> None:
+        """The tracker just handed out ``peers`` other peers of a blob: size the upload slots
+        for a swarm that large (p2preg.upload_policy; the latest announce decides)."""
+        slots = upload_slots(peers)
+        if slots != self._slots.limit:
+            log.info("upload slots: %d (a swarm of %d other peers)", slots, peers)
+            self._slots.resize(slots)
 
     def set_active_sources(self, lookup: SourceLookup) -> None:
         """Where to find blobs that are still downloading (BlobDownloads)."""

@@ -16,6 +16,7 @@ are learned from the peers that announce them (GET_META), not by polling the tra
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import random
 from collections.abc import Callable, Iterable
@@ -268,7 +269,7 @@ class Swarm:
             # ticker; if the copy comes anyway, it is counted as a duplicate.)
             if other is not peer and other.in_flight.pop(index, None) is not None:
                 other.cancelled.add(index)
-                await other.link.send(Cancel(self.digest, index))
+                await self._cancel(other, index)
         self._wakeup.set()
 
     async def _ask_meta_if_needed(self, peer: _Peer, pieces: Iterable[int]) -> None:
@@ -326,13 +327,22 @@ class Swarm:
             if other is not peer and len(other.in_flight) > 1
         )
         moves = queued_to_take_over(peer.held, queues, room)
+        # Every change first, then the Cancels: while one is being sent, the others' readers
+        # run and may pop these very requests (the piece arrived after all).
         for other, index in moves:
             del other.in_flight[index]
             other.cancelled.add(index)
             peer.in_flight[index] = now
-            await other.link.send(Cancel(self.digest, index))
         self.stats["taken_over"] += len(moves)
+        for other, index in moves:
+            await self._cancel(other, index)
         return [index for _, index in moves]
+
+    async def _cancel(self, other: _Peer, index: int) -> None:
+        """Tell ``other`` we no longer want ``index``; from this peer's task, so a broken link
+        to the other one is not this one's failure (the other's reader cleans up after it)."""
+        with contextlib.suppress(PeerGone, LocalProtocolError):
+            await other.link.send(Cancel(self.digest, index))
 
     async def _ticker(self) -> None:
         """Top up every peer's requests, and drop peers that stopped delivering."""

@@ -357,13 +357,16 @@ class SwarmCoordinator:
         return metainfo
 
     async def _announce(self, digest: Digest, metainfo: MetaInfo, pieces: int) -> AnnounceResult:
-        return await self._tracker.announce(
+        result = await self._tracker.announce(
             digest,
             addr=self._addr,
             zone=self._config.zone,
             complete=pieces == metainfo.num_pieces,
             pieces=pieces,
         )
+        others = sum(1 for p in result.peers if p.peer_id != self._identity.peer_id)
+        self._peer_server.note_swarm_size(others)
+        return result
 
     # -- after a download and at startup -------------------------------------------------------
 

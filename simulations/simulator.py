@@ -15,9 +15,11 @@ A discrete-event, flow-level model (docs/simulator.md has the whole story):
   to 8 of the peers it hands out and request pieces, 2 x 4 MiB in flight per peer. A node whose
   swarm made no progress for the stall timeout takes the lease once it expires (holder dead or
   done) and streams the rest from the origin.
-* As the agent's peer server: a node sends at most UPLOAD_SLOTS pieces at once (the least-sent
-  piece first, then the longest waiting request), and the origin fetcher refuses a piece it
-  already sent to a peer that is still connected (super-seeding); refused requesters back off.
+* As the agent's peer server: a node sends at most ``upload_slots(swarm size)`` pieces at once
+  (p2preg.upload_policy; the least-sent piece first, then the longest waiting request), and the
+  origin fetcher refuses a piece it already sent to a peer that is still connected
+  (super-seeding); refused requesters back off. A peer a node asks nothing of takes over its
+  requests queued behind another elsewhere (p2preg.piece_picker.queued_to_take_over).
 * A piece being sent is one fluid flow. Its rate is the smallest of its equal share of the
   receiver's download and of the zone pair's link, and its water-filled share of the sender's
   upload (local: a change re-rates only the flows of the nodes it touches).
@@ -58,6 +60,7 @@ from p2preg.metainfo import (
 )
 from p2preg.piece_picker import PiecePicker, queued_to_take_over
 from p2preg.units import format_size, parse_duration, parse_size
+from p2preg.upload_policy import upload_slots
 from simulations.sim_bounds import kumar_ross_bound, zone_bound
 from simulations.sim_fast import FastShuffleRandom, PieceSet, install_piece_sets
 
@@ -68,7 +71,6 @@ MAX_PEERS = 8  # download connections per blob (agent/swarm.py)
 MAX_IN_FLIGHT = 8  # requests in flight per peer (agent/swarm.py) ...
 MAX_IN_FLIGHT_BYTES = 8 * 1024 * 1024  # ... and at most this many bytes of them
 MAX_CONNECTIONS = 512  # connections a peer server accepts (agent/peer_server.py)
-UPLOAD_SLOTS = 3  # pieces an agent sends at once, over all connections (agent/peer_server.py)
 REFUSAL_BACKOFF = 0.5  # a refused piece is not asked of that peer again this long (swarm.py)
 REDIAL_BACKOFF = 2.0  # seconds before an address is dialled again (agent/swarm.py)
 ANNOUNCE_INTERVAL = 1.0  # agent/swarm_coordinator.py
@@ -201,6 +203,7 @@ class _Node:
         "sending",
         "sent",
         "served",
+        "slot_limit",
         "slots",
         "stamp",
         "started",
@@ -252,8 +255,9 @@ class _Node:
         # The peer server (agent/peer_server.py): free upload slots, the connections whose
         # head request waits for one (-> when it started waiting, for the order), how often
         # each piece was sent, and to whom each piece was last sent (super-seeding).
-        self.slots = UPLOAD_SLOTS
-        self.sending: list[_Conn] = []  # active flows out (at most UPLOAD_SLOTS)
+        self.slot_limit = upload_slots(None)  # resized at every announce, as the agent's
+        self.slots = self.slot_limit  # free ones (below zero after a resize down)
+        self.sending: list[_Conn] = []  # active flows out (at most slot_limit)
         self.waiters: dict[_Conn, tuple[float, float]] = {}  # -> (arrival, random tie-break)
         # (times its head piece was sent, arrival, tie-break, push number, conn) (_grant)
         self.wait_heap: list[tuple[int, float, float, int, _Conn]] = []
@@ -773,7 +777,7 @@ class Simulator:
         self.stats["rate_updates"] += len(todo)
         schedule = self._schedule
         # Every sender of a flow to re-rate splits its upload again over all its active flows
-        # (at most UPLOAD_SLOTS), together, so their rates never add up to more than it has.
+        # (at most its slot limit), together, so their rates never add up to more than it has.
         senders: dict[_Node, None] = {}
         for c in todo:
             senders[c.src] = None
@@ -1365,6 +1369,8 @@ class Simulator:
     def _announce(self, node: _Node, now: float, *, handout: bool) -> None:
         record = self._record(node, now)
         if not handout:
+            # What the tracker would hand out (the agent sizes its slots on every answer).
+            self._size_slots(node, min(HANDOUT_LIMIT, len(self.tiers) - 1), now)
             return
         node.next_handout = now + ANNOUNCE_INTERVAL
         candidates = self.tiers.candidates(
@@ -1374,6 +1380,7 @@ class Simulator:
         chosen = self.handout(candidates, record, HANDOUT_LIMIT, self.policy_rng, load)
         self.load.record([r.peer_id for r in chosen], now)
         self.stats["handouts"] += 1
+        self._size_slots(node, sum(1 for r in chosen if r.peer_id != node.peer_id), now)
         known = node.addr_index
         for r in chosen:
             index = int.from_bytes(r.peer_id, "big")
@@ -1381,9 +1388,19 @@ class Simulator:
                 known.add(index)
                 node.addresses.append(index)
 
+    def _size_slots(self, node: _Node, peers: int, now: float) -> None:
+        """The agent's PeerServer.note_swarm_size: upload slots for a swarm of ``peers``."""
+        limit = upload_slots(peers)
+        if limit != node.slot_limit:
+            node.slots += limit - node.slot_limit
+            node.slot_limit = limit
+            if node.slots > 0 and node.waiters:
+                self.grant[node] = None
+
     def _sweep(self, now: float) -> None:
         """Every announce interval: downloading nodes announce their progress; the tracker
         forgets peers that stopped announcing PEER_TTL ago; a stalled node may take the lease."""
+        handed_out = min(HANDOUT_LIMIT, len(self.tiers) - 1)  # an announce's answer, roughly
         for node in self.nodes:
             if not node.started:
                 continue
@@ -1391,6 +1408,8 @@ class Simulator:
             if node.alive:
                 if node.done_at is None and record is not None and record.pieces != len(node.have):
                     self._record(node, now)
+                if node.done_at is None:
+                    self._size_slots(node, handed_out, now)
             elif record is not None and node.died_at is not None and now - node.died_at >= PEER_TTL:
                 self.tiers.remove(node.peer_id)
                 node.record = None

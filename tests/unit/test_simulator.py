@@ -84,7 +84,7 @@ def test_fast_origin_and_uploads_approach_the_download_bound() -> None:
     result = _run(nodes=10, node_upload=200 * MiB, node_download=10 * MiB, origin_upload=100 * MiB)
     f_over_d = 64 * MiB / (10 * MiB)
     assert result.bound_s == pytest.approx(f_over_d)
-    # Not at the bound: an agent sends at most UPLOAD_SLOTS pieces at once, each at the
+    # Not at the bound: an agent sends at most upload_slots(swarm) pieces at once, each at the
     # receiver's 10 MiB/s, so a 200 MiB/s uplink carries 20; the holder refuses pieces it
     # already sent (super-seeding); requests for pieces sent before wait behind new ones
     # (docs/simulator.md, findings). 1.8 x and 2.2 x with the agent's peer server as it is.
@@ -358,7 +358,6 @@ def test_constants_agree_with_the_agent_and_the_tracker() -> None:
     assert sim.MAX_IN_FLIGHT == swarm.MAX_IN_FLIGHT
     assert sim.MAX_IN_FLIGHT_BYTES == swarm.MAX_IN_FLIGHT_BYTES
     assert sim.MAX_CONNECTIONS == peer_server.MAX_CONNECTIONS
-    assert sim.UPLOAD_SLOTS == peer_server.UPLOAD_SLOTS
     assert sim.REFUSAL_BACKOFF == swarm.REFUSAL_BACKOFF
     assert StoreLimits().handout_sample == sim.HANDOUT_SAMPLE
     assert sim.ANNOUNCE_INTERVAL == swarm_coordinator.ANNOUNCE_INTERVAL

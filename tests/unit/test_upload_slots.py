@@ -7,6 +7,12 @@ import trio.testing
 
 from agent.peer_server import UploadSlots
 from p2preg.digest import Digest
+from p2preg.upload_policy import (
+    SMALL_SWARM_PEERS,
+    SMALL_SWARM_UPLOAD_SLOTS,
+    UPLOAD_SLOTS,
+    upload_slots,
+)
 
 D = Digest.parse("sha256:" + "ab" * 32)
 
@@ -74,3 +80,44 @@ async def test_a_cancelled_waiter_gives_up_its_place_without_leaking_a_slot() ->
     with trio.fail_after(1):  # the one slot is free again
         async with slots.slot((D, 4)):
             pass
+
+
+# -- sized by the swarm (p2preg.upload_policy) ---------------------------------------------------
+
+
+def test_policy_small_swarms_send_more_at_once() -> None:
+    assert upload_slots(None) == UPLOAD_SLOTS
+    assert upload_slots(0) == upload_slots(SMALL_SWARM_PEERS) == SMALL_SWARM_UPLOAD_SLOTS
+    assert upload_slots(SMALL_SWARM_PEERS + 1) == upload_slots(50) == UPLOAD_SLOTS
+
+
+async def test_resizing_up_lets_waiting_sends_start_and_down_lets_running_ones_finish() -> None:
+    slots = UploadSlots(1)
+    running: list[int] = []
+    finish = {index: trio.Event() for index in range(5)}
+
+    async def send(index: int) -> None:
+        async with slots.slot((D, index)):
+            running.append(index)
+            await finish[index].wait()
+            running.remove(index)
+
+    async with trio.open_nursery() as nursery:
+        for index in range(5):
+            nursery.start_soon(send, index)
+            await trio.testing.wait_all_tasks_blocked()
+        assert len(running) == 1
+        slots.resize(3)  # two waiting sends start at once
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(running) == 3
+        slots.resize(1)  # nothing is interrupted, and nothing new starts until one runs
+        for index in list(running)[:2]:
+            finish[index].set()
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(running) < 3 and not (set(running) & {3, 4})
+        finish[running[0]].set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(running) == 1 and running[0] in (3, 4)  # one at a time again
+        for event in finish.values():
+            event.set()
+    assert slots.limit == 1
