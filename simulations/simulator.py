@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import gc
 import heapq
+from heapq import heappop, heappush
 import json
 import math
 import random
@@ -85,6 +86,7 @@ DEFAULT_BATCH_WINDOW = 1e-3  # seconds of events merged into one batch
 MAX_STUCK_BATCHES = 100_000  # batches in a row at one instant before the loop calls it a livelock
 MAX_PIECES = 1 << 16  # simulation size limits (memory: about 1 byte per node-piece, x 3)
 MAX_NODE_PIECES = 10**9
+_INF = math.inf
 
 PickerFactory = Callable[[int, random.Random], PiecePicker]
 HandoutPolicy = Callable[
@@ -208,8 +210,8 @@ class _Node:
         "swarming",
         "up",
         "uploads",
+        "n_waiting",
         "wait_heap",
-        "waiters",
         "wake_at",
         "want",
         "zone",
@@ -254,7 +256,7 @@ class _Node:
         # each piece was sent, and to whom each piece was last sent (super-seeding).
         self.slots = UPLOAD_SLOTS
         self.sending: list[_Conn] = []  # active flows out (at most UPLOAD_SLOTS)
-        self.waiters: dict[_Conn, tuple[float, float]] = {}  # -> (arrival, random tie-break)
+        self.n_waiting = 0  # connections waiting for a slot (their token: _Conn.wait_*)
         # (times its head piece was sent, arrival, tie-break, push number, conn) (_grant)
         self.wait_heap: list[tuple[int, float, float, int, _Conn]] = []
         self.sent = bytearray(0)
@@ -295,6 +297,8 @@ class _Conn:
         "state",
         "tdue",
         "ver",
+        "wait_at",
+        "wait_tie",
         "waiting",
         "want",
     )
@@ -313,7 +317,9 @@ class _Conn:
         self.due = math.inf  # when the pending completion event fires (inf: none)
         self.tdue = math.inf  # when its pending timeout check fires (inf: none pending)
         self.active = False  # its head piece is being sent (holds an upload slot)
-        self.waiting = False  # its head request waits for an upload slot
+        self.waiting = False  # its head request waits for an upload slot, since ...
+        self.wait_at = 0.0  # ... this time, with this random tie-break (_send, _grant)
+        self.wait_tie = 0.0
         self.open = True
         self.dry = False  # the last pick found nothing more to ask this peer
         self.refused: dict[int, float] = {}  # piece -> when this peer refused it
@@ -444,6 +450,7 @@ class Simulator:
         self.dry_shortcut = _stock_pick(picker_factory)
         self.policy_rng = FastShuffleRandom(self.rng.getrandbits(64))
         self.order_rng = random.Random(self.rng.getrandbits(64))
+        self.order_random = self.order_rng.random  # a slot race's tie-break (_send)
         self.num_pieces = piece_count(config.blob_size, config.piece_length)
         # requests in flight per peer, as agent/swarm.py bounds them
         self.depth = max(1, min(MAX_IN_FLIGHT, MAX_IN_FLIGHT_BYTES // config.piece_length))
@@ -735,9 +742,17 @@ class Simulator:
         so only nodes (links) whose count differs from the last re-rating need a pass."""
         self.stamp += 1
         stamp = self.stamp
-        todo = [c for c in self.fresh if c.active]
-        for c in todo:
-            c.stamp = stamp
+        # Every sender of a flow to re-rate splits its upload again over all its active flows
+        # (at most UPLOAD_SLOTS), together, so their rates never add up to more than it has.
+        # The senders are collected in the order their first flow to re-rate is found: that
+        # is the order the flows are rescheduled in, which orders equal finish times.
+        senders: dict[_Node, None] = {}
+        updates = 0  # flows to re-rate (the rate_updates statistic)
+        for c in self.fresh:
+            if c.active:
+                c.stamp = stamp
+                updates += 1
+                senders[c.src] = None
         self.fresh = []
         # A count that went up lowers the share of every flow using it: re-rate them now, or
         # the resource would be over-committed. A count that went down raises the shares; the
@@ -745,53 +760,57 @@ class Simulator:
         # most flows here carry one piece between idle spells).
         for node in self.dirty:
             if node.n_up > node.rated_up:
-                for c in node.uploads:
-                    if c.active and c.stamp != stamp:
+                for c in node.sending:  # its active uploads
+                    if c.stamp != stamp:
                         c.stamp = stamp
-                        todo.append(c)
+                        updates += 1
+                        senders[node] = None
             node.rated_up = node.n_up
             if node.n_down > node.rated_down:
                 for c in node.downloads.values():
                     if c.active and c.stamp != stamp:
                         c.stamp = stamp
-                        todo.append(c)
+                        updates += 1
+                        senders[c.src] = None
                 oc = node.origin_conn
                 if oc is not None and oc.active and oc.stamp != stamp:
                     oc.stamp = stamp
-                    todo.append(oc)
+                    updates += 1
+                    senders[oc.src] = None
             node.rated_down = node.n_down
         for link in self.dirty_links:
             if link.n > link.rated_n:
                 for c in link.conns:
                     if c.stamp != stamp:
                         c.stamp = stamp
-                        todo.append(c)
+                        updates += 1
+                        senders[c.src] = None
             link.rated_n = link.n
         self.dirty = {}
         self.dirty_links = {}
-        self.stats["rate_updates"] += len(todo)
-        schedule = self._schedule
-        # Every sender of a flow to re-rate splits its upload again over all its active flows
-        # (at most UPLOAD_SLOTS), together, so their rates never add up to more than it has.
-        senders: dict[_Node, None] = {}
-        for c in todo:
-            senders[c.src] = None
+        self.stats["rate_updates"] += updates
+        cap = self._cap
+        slots = self.slots
+        times = self.times
         for src in senders:
             flows = src.sending
             up = src.up
-            if len(flows) == 1:
-                rates = [min(up, self._cap(flows[0]))]
-            elif len(flows) == 2:  # _water_fill for two flows, inline (the common case)
-                a, b = self._cap(flows[0]), self._cap(flows[1])
+            n = len(flows)
+            if n == 3:  # the common case (UPLOAD_SLOTS): _water_fill unrolled
+                rates = _water_fill3(up, cap(flows[0]), cap(flows[1]), cap(flows[2]))
+            elif n == 1:
+                rates = (min(up, cap(flows[0])),)
+            elif n == 2:
+                a, b = cap(flows[0]), cap(flows[1])
                 if a <= b:
                     ra = min(a, up / 2)
-                    rates = [ra, min(b, up - ra)]
+                    rates = (ra, min(b, up - ra))
                 else:
                     rb = min(b, up / 2)
-                    rates = [min(a, up - rb), rb]
+                    rates = (min(a, up - rb), rb)
             else:
-                rates = _water_fill(up, [self._cap(f) for f in flows])
-            for c, rate in zip(flows, rates, strict=True):
+                rates = _water_fill(up, [cap(f) for f in flows])
+            for c, rate in zip(flows, rates):
                 if rate != c.rate:
                     if c.rate > 0.0:
                         c.remaining -= c.rate * (now - c.last)
@@ -799,7 +818,17 @@ class Simulator:
                             c.remaining = 0.0
                     c.last = now
                     c.rate = rate
-                    schedule(c, now)
+                    # _schedule, inline (the hottest caller)
+                    finish = now + c.remaining / rate
+                    if finish < c.due:
+                        ver = c.ver = c.ver + 1
+                        c.due = finish
+                        slot = slots.get(finish)
+                        if slot is None:
+                            slots[finish] = [(_PIECE, c, ver)]
+                            heappush(times, finish)
+                        else:
+                            slot.append((_PIECE, c, ver))
 
     @staticmethod
     def _cap(c: _Conn) -> float:
@@ -825,14 +854,16 @@ class Simulator:
             return
         # Queued first, granted at the end of the batch (_grant): requests that reach a peer
         # at the same moment race in the agent, so none may win by the simulator's order.
-        token = (now, self.order_rng.random())
-        src.waiters[c] = token
-        self.pushes += 1
-        heapq.heappush(src.wait_heap, (src.sent[c.queue[0]], *token, self.pushes, c))
+        tie = self.order_random()
         c.waiting = True
+        c.wait_at = now
+        c.wait_tie = tie
+        src.n_waiting += 1
+        self.pushes += 1
+        heappush(src.wait_heap, (src.sent[c.queue[0]], now, tie, self.pushes, c))
         if src.slots > 0:
             self.grant[src] = None
-        if c.tdue == math.inf:  # the requester drops the peer if a request takes too long
+        if c.tdue == _INF:  # the requester drops the peer if a request takes too long
             c.tdue = max(now, c.req_at[0] + PIECE_TIMEOUT)
             self._push(c.tdue, _TIMEOUT, c)
 
@@ -862,38 +893,36 @@ class Simulator:
     def _release(self, src: _Node, now: float) -> None:
         """A slot of ``src`` is free: granted at the end of the batch (_grant)."""
         src.slots += 1
-        if src.waiters:
+        if src.n_waiting:
             self.grant[src] = None
 
     def _grant(self, src: _Node, now: float) -> None:
         """Free slots go to the waiting requests whose piece ``src`` has sent least often,
         then to the ones that waited longest (agent/peer_server.py, UploadSlots)."""
-        waiters = src.waiters
         sent = src.sent
         heap = src.wait_heap
-        pop = heapq.heappop
-        while src.slots > 0 and waiters and src.alive:
+        while src.slots > 0 and src.n_waiting and src.alive:
             # A heap of (sent count of the head piece when pushed, arrival, random, push
             # number, conn). Counts only grow, so an entry whose count is stale is re-pushed
             # with the current one, and the first up-to-date entry is the agent's min().
             # Entries of connections that stopped waiting (or waited again since) are dropped.
-            count, at, tie, _, best = pop(heap)
-            if waiters.get(best) != (at, tie):
+            count, at, tie, _, best = heappop(heap)
+            if not best.waiting or best.wait_tie != tie or best.wait_at != at:
                 continue
             current = sent[best.queue[0]]
             if current != count:
                 self.pushes += 1
-                heapq.heappush(heap, (current, at, tie, self.pushes, best))
+                heappush(heap, (current, at, tie, self.pushes, best))
                 continue
-            del waiters[best]
             best.waiting = False
+            src.n_waiting -= 1
             src.slots -= 1
             self._take(best, now)
 
     def _unwait(self, c: _Conn) -> None:
         if c.waiting:
             c.waiting = False
-            del c.src.waiters[c]
+            c.src.n_waiting -= 1
 
     def _refused(self, c: _Conn, index: int, now: float) -> None:
         self.stats["refusals"] += 1
@@ -1083,9 +1112,8 @@ class Simulator:
                 elif c.waiting:  # a new head: its place among the waiters may be earlier
                     src = c.src
                     self.pushes += 1
-                    at, tie = src.waiters[c]
-                    entry = (src.sent[c.queue[0]], at, tie, self.pushes, c)
-                    heapq.heappush(src.wait_heap, entry)
+                    entry = (src.sent[c.queue[0]], c.wait_at, c.wait_tie, self.pushes, c)
+                    heappush(src.wait_heap, entry)
 
     def _fill(self, c: _Conn, now: float) -> None:
         """Top up a connection's requests to ``depth`` with the picker's choices.
@@ -1410,6 +1438,34 @@ class Simulator:
             self._grant_lease(stalled, now)
         else:
             self._lease_wake(max(earliest + STALL_TIMEOUT, now + STALL_POLL))
+
+
+def _water_fill3(capacity: float, a: float, b: float, c: float) -> tuple[float, float, float]:
+    """``_water_fill(capacity, [a, b, c])`` unrolled: the same order (caps ascending, ties in
+    flow order, as the stable sort) and the same arithmetic, so the same rates to the bit."""
+    if a <= b:
+        if b <= c:
+            ra, rb, rc = _fill_ascending(capacity, a, b, c)
+        elif a <= c:
+            ra, rc, rb = _fill_ascending(capacity, a, c, b)
+        else:
+            rc, ra, rb = _fill_ascending(capacity, c, a, b)
+    elif a <= c:
+        rb, ra, rc = _fill_ascending(capacity, b, a, c)
+    elif b <= c:
+        rb, rc, ra = _fill_ascending(capacity, b, c, a)
+    else:
+        rc, rb, ra = _fill_ascending(capacity, c, b, a)
+    return ra, rb, rc
+
+
+def _fill_ascending(capacity: float, x: float, y: float, z: float) -> tuple[float, float, float]:
+    """Water-fill three flows whose caps are in ascending order (as _water_fill's loop)."""
+    rx = min(x, capacity / 3)
+    left = capacity - rx
+    ry = min(y, left / 2)
+    left -= ry
+    return rx, ry, min(z, left / 1)
 
 
 def _water_fill(capacity: float, caps: list[float]) -> list[float]:
