@@ -30,14 +30,15 @@ from __future__ import annotations
 import argparse
 import gc
 import heapq
-from heapq import heappop, heappush
 import json
 import math
 import random
 import sys
 import time
+from array import array
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from heapq import heappop, heappush
 from pathlib import Path
 from typing import Any, TextIO, cast
 
@@ -188,10 +189,12 @@ class _Node:
         "endgame",
         "failed_at",
         "have",
+        "held",
         "index",
         "last_progress",
         "n_down",
         "n_up",
+        "n_waiting",
         "next_handout",
         "origin_conn",
         "peer_id",
@@ -206,11 +209,9 @@ class _Node:
         "slots",
         "stamp",
         "started",
-        "state",
         "swarming",
         "up",
         "uploads",
-        "n_waiting",
         "wait_heap",
         "wake_at",
         "want",
@@ -230,10 +231,11 @@ class _Node:
         self.done_at: float | None = None
         self.picker = picker  # a shared empty placeholder until the node starts
         self.have = PieceSet(0)
-        # Per piece: [0, n) how many connected peers hold it (the picker's availability),
-        # [n, 2n) 1 if held or requested (not fresh). One buffer: the HAVE fan-out touches both.
-        self.state = bytearray(0)
-        self.want = memoryview(self.state)
+        # Per piece, 1 if held or requested (not fresh): read on every HAVE (_deliver).
+        self.want = bytearray(0)
+        # Per piece, 1 if held, as the digits of one integer (_availability): a byte per piece,
+        # two if a node may have 256 peers or more (--max-peers).
+        self.held = bytearray(0)
         self.read_pos = 0  # = picker.first_missing(), kept incrementally
         self.endgame = False
         self.uploads: dict[_Conn, None] = {}  # connections this node serves
@@ -294,7 +296,6 @@ class _Conn:
         "src",
         "stamp",
         "stash",
-        "state",
         "tdue",
         "ver",
         "wait_at",
@@ -325,8 +326,7 @@ class _Conn:
         self.refused: dict[int, float] = {}  # piece -> when this peer refused it
         self.delivered_at = 0.0  # when it last delivered a piece (or connected)
         self.stamp = 0
-        # The downloader's availability and want flags, read on every HAVE.
-        self.state = dst.state
+        # The downloader's want flags, read on every HAVE.
         self.want = dst.want
 
 
@@ -460,6 +460,9 @@ class Simulator:
         ]
         self.piece_bytes = [float(size) for size in self.piece_size]
         self.known = PieceSet(self.num_pieces)  # published piece hashes (shared by all)
+        # Bytes per piece in a node's ``held`` digits: more than a byte's worth of peers
+        # (--max-peers) would carry into the next piece's digit.
+        self.held_width = 1 if config.max_peers < 256 else 2
         placeholder = PiecePicker(0)
         self.nodes = [
             _Node(i, i % config.zones, config.node_upload, config.node_download, placeholder)
@@ -468,6 +471,8 @@ class Simulator:
         self.origin = _Node(-1, -1, config.origin_upload, 0.0, placeholder)
         for i in range(self.num_pieces):
             self.origin.have.add(i)
+        self.origin.held = bytearray(self.num_pieces * self.held_width)
+        self.origin.held[:: self.held_width] = b"\x01" * self.num_pieces
         self.origin.have.size = self.num_pieces
         self.links: dict[tuple[int, int], _Link] = {}
         if config.inter_zone is not None and config.zones > 1:
@@ -810,7 +815,7 @@ class Simulator:
                     rates = (min(a, up - rb), rb)
             else:
                 rates = _water_fill(up, [cap(f) for f in flows])
-            for c, rate in zip(flows, rates):
+            for c, rate in zip(flows, rates, strict=True):
                 if rate != c.rate:
                     if c.rate > 0.0:
                         c.remaining -= c.rate * (now - c.last)
@@ -1040,6 +1045,7 @@ class Simulator:
             self._cancel_duplicates(dst, index, via, now)
         picker.mark_have(index)
         dst.want[index] = 1
+        dst.held[index * self.held_width] = 1
         dst.last_progress = now
         if index == dst.read_pos:
             pos = index + 1
@@ -1050,13 +1056,11 @@ class Simulator:
         refill = self.refill
         shortcut = self.dry_shortcut
         depth = self.depth
-        wanted = index + self.num_pieces  # its place in the want half of a node's state
         # (Their order does not matter: requests that arrive at once are granted upload slots
-        # at the end of the batch, in random order, see _send.)
+        # at the end of the batch, in random order, see _send. The downloaders' availability
+        # counts are not touched here: _availability sums them when a pick needs them.)
         for u in dst.uploads:
-            state = u.state
-            state[index] += 1
-            if state[wanted]:
+            if u.want[index]:
                 continue
             w = u.dst
             if u.dry and shortcut and not w.endgame:
@@ -1174,6 +1178,7 @@ class Simulator:
                 if at + REFUSAL_BACKOFF <= now:  # (the same sum as the _REFILL event's time)
                     del refused[index]
             exclude += refused
+        picker.availability = self._availability(c.dst)
         picks = picker.pick(c.src.have.as_bitfield(), count, c.dst.read_pos, exclude=exclude)
         self.stats["picks"] += 1
         rest = picks[need:]
@@ -1182,6 +1187,24 @@ class Simulator:
         # Dry: it took every fresh piece the peer had for us (a refused one comes back later).
         c.dry = len(picks) < count and not refused
         return chosen + picks[:need]
+
+    def _availability(self, node: _Node) -> list[int]:
+        """How many of ``node``'s connected peers hold each piece: the picker's availability,
+        the counts add_peer / peer_has / remove_peer would keep, summed when a pick needs them
+        (0.05 picks per piece transfer) instead of counted on every HAVE (9 per transfer).
+        Each peer's ``held`` bytes are the digits of one integer, 1 per piece it holds; digits
+        never carry (fewer than 256 peers per byte), so the sum's digits are the counts."""
+        width = self.held_width
+        total = 0
+        for c in node.downloads.values():
+            total += int.from_bytes(c.src.held, "little")
+        digits = total.to_bytes(self.num_pieces * width, "little")
+        if width == 1:
+            return cast(list[int], digits)
+        counts = array("H", digits)
+        if sys.byteorder == "big":
+            counts.byteswap()
+        return cast(list[int], counts)
 
     def _connect(self, node: _Node, peer: _Node, now: float) -> bool:
         self.stats["dials"] += 1
@@ -1193,8 +1216,7 @@ class Simulator:
         c.delivered_at = now
         peer.uploads[c] = None
         node.downloads[peer.index] = c
-        if peer.have:
-            node.picker.add_peer(peer.have)
+        if peer.have:  # (its pieces count in node's availability from now: _availability)
             self.refill[c] = None
         else:
             # Nothing to pick from a peer with no pieces (any picker picks only what the peer
@@ -1223,7 +1245,6 @@ class Simulator:
         del dst.downloads[src.index]
         if dst.alive and dst.done_at is None:
             picker = dst.picker
-            picker.remove_peer(src.have)
             want, in_flight, have = dst.want, picker.in_flight, dst.have
             for index in c.queue:
                 picker.request_ended(index)
@@ -1249,10 +1270,9 @@ class Simulator:
         node.last_progress = now
         picker = self.picker_factory(self.num_pieces, self.policy_rng)
         node.have = install_piece_sets(picker, self.known)
-        node.state = bytearray(2 * self.num_pieces)
+        node.want = bytearray(self.num_pieces)
+        node.held = bytearray(self.num_pieces * self.held_width)
         node.sent = bytearray(self.num_pieces)
-        picker.availability = cast(list[int], memoryview(node.state)[: self.num_pieces])
-        node.want = memoryview(node.state)[self.num_pieces :]
         node.picker = picker
         if self.lease_holder is None and self.lease_expires == math.inf:
             # The first node to ask gets the origin-fetch lease and streams from the origin.

@@ -327,6 +327,37 @@ def test_piece_sets_do_not_change_a_pick() -> None:
                 fast.request_started(i)
 
 
+@pytest.mark.parametrize("max_peers", [8, 300])
+def test_availability_is_the_count_of_connected_peers_holding_each_piece(max_peers: int) -> None:
+    """The picker's availability, summed when a pick needs it, is what add_peer / peer_has /
+    remove_peer would have counted (two bytes per piece from 256 peers on)."""
+    checked = []
+
+    class Checked(sim.Simulator):
+        def _availability(self, node: sim._Node) -> list[int]:
+            counts = super()._availability(node)
+            expected = [0] * self.num_pieces
+            for c in node.downloads.values():
+                for i in c.src.have:
+                    expected[i] += 1
+            assert list(counts) == expected
+            checked.append(sum(expected))
+            return counts
+
+    config = SimConfig(
+        nodes=40,
+        blob_size=32 * MiB,
+        node_upload=10 * MiB,
+        node_download=10 * MiB,
+        origin_upload=10 * MiB,
+        fail_fraction=0.1,
+        max_peers=max_peers,
+        seed=1,
+    )
+    assert Checked(config).run().incomplete == 0
+    assert checked and max(checked) > 0
+
+
 def test_fast_shuffle_is_a_permutation() -> None:
     rng = FastShuffleRandom(1)
     items = list(range(100))
