@@ -801,6 +801,7 @@ class Simulator:
             flows = src.sending
             up = src.up
             n = len(flows)
+            rates: Sequence[float]
             if n == 3:  # the common case (UPLOAD_SLOTS): _water_fill unrolled
                 rates = _water_fill3(up, cap(flows[0]), cap(flows[1]), cap(flows[2]))
             elif n == 1:
