@@ -206,6 +206,7 @@ class _Node:
         "sending",
         "sent",
         "served",
+        "share",
         "slots",
         "stamp",
         "started",
@@ -243,6 +244,7 @@ class _Node:
         self.origin_conn: _Conn | None = None
         self.n_up = 0  # active flows out
         self.n_down = 0  # active flows in
+        self.share = down  # down / n_down: each flow's equal share of the download (_cap)
         self.rated_up = 0  # n_up when this node's flows were last re-rated
         self.rated_down = 0
         self.addresses: list[int] = []  # handed-out peers, first seen first (as the agent)
@@ -262,17 +264,18 @@ class _Node:
         # (times its head piece was sent, arrival, tie-break, push number, conn) (_grant)
         self.wait_heap: list[tuple[int, float, float, int, _Conn]] = []
         self.sent = bytearray(0)
-        self.served: dict[int, _Conn] = {}
+        self.served: list[_Conn | None] = []  # per piece (allocated when the node starts)
 
 
 class _Link:
     """Traffic from one zone to another: capacity shared by the active flows on it."""
 
-    __slots__ = ("cap", "conns", "n", "rated_n", "stamp")
+    __slots__ = ("cap", "conns", "n", "rated_n", "share", "stamp")
 
     def __init__(self, cap: float) -> None:
         self.cap = cap
         self.n = 0
+        self.share = cap  # cap / n: each flow's equal share (_cap)
         self.rated_n = 0
         self.conns: dict[_Conn, None] = {}
         self.stamp = 0
@@ -795,6 +798,7 @@ class Simulator:
         self.dirty_links = {}
         self.stats["rate_updates"] += updates
         cap = self._cap
+        no_links = not self.links
         slots = self.slots
         times = self.times
         for src in senders:
@@ -803,7 +807,11 @@ class Simulator:
             n = len(flows)
             rates: Sequence[float]
             if n == 3:  # the common case (UPLOAD_SLOTS): _water_fill unrolled
-                rates = _water_fill3(up, cap(flows[0]), cap(flows[1]), cap(flows[2]))
+                f0, f1, f2 = flows
+                if no_links:  # (then a flow's cap is its receiver's share: _cap)
+                    rates = _water_fill3(up, f0.dst.share, f1.dst.share, f2.dst.share)
+                else:
+                    rates = _water_fill3(up, cap(f0), cap(f1), cap(f2))
             elif n == 1:
                 rates = (min(up, cap(flows[0])),)
             elif n == 2:
@@ -840,13 +848,10 @@ class Simulator:
     def _cap(c: _Conn) -> float:
         """What the flow's receiver side allows: its equal share of the receiver's download and
         of its zone link (a share that can only shrink until the flow is re-rated)."""
-        dst = c.dst
-        cap = dst.down / dst.n_down
+        cap = c.dst.share
         link = c.link
-        if link is not None:
-            share = link.cap / link.n
-            if share < cap:
-                cap = share
+        if link is not None and link.share < cap:
+            cap = link.share
         return cap
 
     # -- flows -------------------------------------------------------------------------------------
@@ -885,7 +890,7 @@ class Simulator:
         while queue:
             index = queue[0]
             if fetching:
-                other = served.get(index)
+                other = served[index]
                 if other is not None and other is not c and other.open:
                     del queue[0]
                     del c.req_at[0]
@@ -959,11 +964,13 @@ class Simulator:
         src.sending.append(c)
         src.n_up += 1
         dst.n_down += 1
+        dst.share = dst.down / dst.n_down
         self.dirty[src] = None
         self.dirty[dst] = None
         link = c.link
         if link is not None:
             link.n += 1
+            link.share = link.cap / link.n
             link.conns[c] = None
             self.dirty_links[link] = None
 
@@ -976,11 +983,15 @@ class Simulator:
         src.sending.remove(c)
         src.n_up -= 1
         dst.n_down -= 1
+        if dst.n_down:
+            dst.share = dst.down / dst.n_down
         self.dirty[src] = None
         self.dirty[dst] = None
         link = c.link
         if link is not None:
             link.n -= 1
+            if link.n:
+                link.share = link.cap / link.n
             del link.conns[c]
             self.dirty_links[link] = None
 
@@ -1274,6 +1285,7 @@ class Simulator:
         node.want = bytearray(self.num_pieces)
         node.held = bytearray(self.num_pieces * self.held_width)
         node.sent = bytearray(self.num_pieces)
+        node.served = [None] * self.num_pieces
         node.picker = picker
         if self.lease_holder is None and self.lease_expires == math.inf:
             # The first node to ask gets the origin-fetch lease and streams from the origin.
