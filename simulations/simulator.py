@@ -39,6 +39,7 @@ from array import array
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from heapq import heappop, heappush
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, TextIO, cast
 
@@ -188,6 +189,7 @@ class _Node:
         "downloads",
         "endgame",
         "failed_at",
+        "fan",
         "have",
         "held",
         "index",
@@ -215,7 +217,6 @@ class _Node:
         "uploads",
         "wait_heap",
         "wake_at",
-        "want",
         "zone",
     )
 
@@ -232,8 +233,8 @@ class _Node:
         self.done_at: float | None = None
         self.picker = picker  # a shared empty placeholder until the node starts
         self.have = PieceSet(0)
-        # Per piece, 1 if held or requested (not fresh): read on every HAVE (_deliver).
-        self.want = bytearray(0)
+        # Its downloaders as _deliver's HAVE fan-out reads them (_fan_out; None: rebuild).
+        self.fan: _FanOut | None = None
         # Per piece, 1 if held, as the digits of one integer (_availability): a byte per piece,
         # two if a node may have 256 peers or more (--max-peers).
         self.held = bytearray(0)
@@ -265,6 +266,10 @@ class _Node:
         self.wait_heap: list[tuple[int, float, float, int, _Conn]] = []
         self.sent = bytearray(0)
         self.served: list[_Conn | None] = []  # per piece (allocated when the node starts)
+
+
+# A node's downloaders for the HAVE fan-out: a gather of their want flags, and the connections.
+_FanOut = tuple[Callable[[bytearray], tuple[int, ...]], tuple["_Conn", ...]]
 
 
 class _Link:
@@ -304,7 +309,6 @@ class _Conn:
         "wait_at",
         "wait_tie",
         "waiting",
-        "want",
     )
 
     def __init__(self, src: _Node, dst: _Node, link: _Link | None) -> None:
@@ -329,8 +333,6 @@ class _Conn:
         self.refused: dict[int, float] = {}  # piece -> when this peer refused it
         self.delivered_at = 0.0  # when it last delivered a piece (or connected)
         self.stamp = 0
-        # The downloader's want flags, read on every HAVE.
-        self.want = dst.want
 
 
 # event kinds
@@ -463,6 +465,10 @@ class Simulator:
         ]
         self.piece_bytes = [float(size) for size in self.piece_size]
         self.known = PieceSet(self.num_pieces)  # published piece hashes (shared by all)
+        # want[i][k] = 1: node k holds or has requested piece i (it is not fresh there). Piece
+        # by piece, so a HAVE's fan-out reads its downloaders' flags in one C call (_fan_out);
+        # the last byte is always 1 (a downloader that never wants: see _fan_out).
+        self.want = [bytearray(config.nodes) + b"\x01" for _ in range(self.num_pieces)]
         # Bytes per piece in a node's ``held`` digits: more than a byte's worth of peers
         # (--max-peers) would carry into the next piece's digit.
         self.held_width = 1 if config.max_peers < 256 else 2
@@ -947,7 +953,9 @@ class Simulator:
         self._push(now + REFUSAL_BACKOFF, _REFILL, c)
         if index in picker.in_flight or index in dst.have:
             return
-        dst.want[index] = 0  # fresh again: the other peers that have it may be asked now
+        self.want[index][dst.index] = (
+            0  # fresh again: the other peers that have it may be asked now
+        )
         dst.endgame = False
         for other in dst.downloads.values():
             if other is not c and other.dry and index in other.src.have:
@@ -1056,7 +1064,8 @@ class Simulator:
         if picker.in_flight.get(index):
             self._cancel_duplicates(dst, index, via, now)
         picker.mark_have(index)
-        dst.want[index] = 1
+        wants = self.want[index]
+        wants[dst.index] = 1
         dst.held[index * self.held_width] = 1
         dst.last_progress = now
         if index == dst.read_pos:
@@ -1064,41 +1073,56 @@ class Simulator:
             while pos in have:
                 pos += 1
             dst.read_pos = pos
-        # HAVE to every peer downloading from dst
-        refill = self.refill
-        shortcut = self.dry_shortcut
-        depth = self.depth
-        # (Their order does not matter: requests that arrive at once are granted upload slots
-        # at the end of the batch, in random order, see _send. The downloaders' availability
-        # counts are not touched here: _availability sums them when a pick needs them.)
-        for u in dst.uploads:
-            if u.want[index]:
-                continue
-            w = u.dst
-            if u.dry and shortcut and not w.endgame:
-                # The last pick on u took every fresh piece dst had for w, so the next would
-                # choose among exactly these: skip the O(pieces) call (see _fill).
-                queue = u.queue
-                if u.stash or len(queue) >= depth:
-                    u.stash.append(index)
-                    refill[u] = None
-                    continue
-                # request it at once, as _fill would
-                wp = w.picker
-                wp.request_started(index)
-                u.want[index] = 1
-                queue.append(index)
-                u.req_at.append(now)
-                if not u.active and not u.waiting:
-                    self._send(u, now)
-                if len(wp.in_flight) == self.num_pieces - len(w.have):
-                    self._endgame(w)
-            else:
-                u.dry = False
-                if len(u.queue) < depth:
-                    refill[u] = None
+        # HAVE to every peer downloading from dst. (Their order does not matter for the slot
+        # races: requests that arrive at once are granted at the end of the batch, in random
+        # order, see _send. Their availability counts are not touched: _availability sums
+        # them when a pick needs them.)
+        gather, conns = dst.fan or self._fan_out(dst)
+        flags = gather(wants)  # (one more than conns: zip stops at the end of conns)
+        if 0 in flags:  # (most HAVEs: every downloader holds or requested the piece already)
+            for u, taken in zip(conns, flags, strict=False):
+                if not taken:
+                    self._offer(u, index, now)
         if len(have) == self.num_pieces:
             self._complete(dst, now)
+
+    def _offer(self, u: _Conn, index: int, now: float) -> None:
+        """``u``'s sender announced ``index``, which ``u``'s downloader has neither nor asked
+        for: request it at once if the dry shortcut allows, or have ``u`` refilled."""
+        w = u.dst
+        if u.dry and self.dry_shortcut and not w.endgame:
+            # The last pick on u took every fresh piece its sender had for w, so the next
+            # would choose among exactly these: skip the O(pieces) call (see _fill).
+            queue = u.queue
+            if u.stash or len(queue) >= self.depth:
+                u.stash.append(index)
+                self.refill[u] = None
+                return
+            # request it at once, as _fill would
+            wp = w.picker
+            wp.request_started(index)
+            self.want[index][w.index] = 1
+            queue.append(index)
+            u.req_at.append(now)
+            if not u.active and not u.waiting:
+                self._send(u, now)
+            if len(wp.in_flight) == self.num_pieces - len(w.have):
+                self._endgame(w)
+        else:
+            u.dry = False
+            if len(u.queue) < self.depth:
+                self.refill[u] = None
+
+    def _fan_out(self, node: _Node) -> _FanOut:
+        """``node``'s downloaders (its upload connections, in order) and a C-level gather of
+        their flags from a piece's ``want`` array: a HAVE reads them all in one call instead of
+        one attribute chase per downloader (cache misses at 10,000 nodes). The never-wanting
+        last byte keeps the result a tuple (itemgetter of one index returns the bare item)."""
+        conns = tuple(node.uploads)
+        never = self.cfg.nodes
+        gather = itemgetter(*[u.dst.index for u in conns], never)
+        node.fan = (gather, conns) if conns else (itemgetter(never, never), conns)
+        return node.fan
 
     def _endgame(self, node: _Node) -> None:
         """Every missing piece is requested somewhere: duplicates are allowed now."""
@@ -1147,13 +1171,14 @@ class Simulator:
         if room <= 0:
             return
         picker = dst.picker
-        want = dst.want
+        want = self.want
+        k = dst.index
         chosen: list[int]
         if c.dry and self.dry_shortcut and not dst.endgame and len(c.stash) <= room:
-            chosen = [i for i in reversed(c.stash) if not want[i]]
+            chosen = [i for i in reversed(c.stash) if not want[i][k]]
             c.stash = []
         else:
-            stash = [i for i in c.stash if not want[i]]
+            stash = [i for i in c.stash if not want[i][k]]
             if c.dry and self.dry_shortcut and not dst.endgame and len(stash) > room:
                 chosen = self._pick(c, room, [], now)
             else:
@@ -1168,7 +1193,7 @@ class Simulator:
         request = picker.request_started
         for index in chosen:
             request(index)
-            want[index] = 1
+            want[index][k] = 1
             queue.append(index)
             c.req_at.append(now)
         if not c.active and not c.waiting:
@@ -1227,6 +1252,7 @@ class Simulator:
         c = _Conn(peer, node, link)
         c.delivered_at = now
         peer.uploads[c] = None
+        peer.fan = None
         node.downloads[peer.index] = c
         if peer.have:  # (its pieces count in node's availability from now: _availability)
             self.refill[c] = None
@@ -1254,14 +1280,15 @@ class Simulator:
         if held and src.alive:
             self._release(src, now)
         del src.uploads[c]
+        src.fan = None
         del dst.downloads[src.index]
         if dst.alive and dst.done_at is None:
             picker = dst.picker
-            want, in_flight, have = dst.want, picker.in_flight, dst.have
+            want, in_flight, have = self.want, picker.in_flight, dst.have
             for index in c.queue:
                 picker.request_ended(index)
                 if index not in in_flight and index not in have:
-                    want[index] = 0
+                    want[index][dst.index] = 0
             if c.queue:
                 dst.endgame = False
                 for other in dst.downloads.values():
@@ -1282,7 +1309,6 @@ class Simulator:
         node.last_progress = now
         picker = self.picker_factory(self.num_pieces, self.policy_rng)
         node.have = install_piece_sets(picker, self.known)
-        node.want = bytearray(self.num_pieces)
         node.held = bytearray(self.num_pieces * self.held_width)
         node.sent = bytearray(self.num_pieces)
         node.served = [None] * self.num_pieces
