@@ -1078,11 +1078,12 @@ class Simulator:
         # order, see _send. Their availability counts are not touched: _availability sums
         # them when a pick needs them.)
         gather, conns = dst.fan or self._fan_out(dst)
-        flags = gather(wants)  # (one more than conns: zip stops at the end of conns)
+        flags = gather(wants)  # (and a last 1 for the never-wanting end)
         if 0 in flags:  # (most HAVEs: every downloader holds or requested the piece already)
-            for u, taken in zip(conns, flags, strict=False):
-                if not taken:
-                    self._offer(u, index, now)
+            k = -1
+            for _ in range(flags.count(0)):  # the downloaders that want it, in order
+                k = flags.index(0, k + 1)
+                self._offer(conns[k], index, now)
         if len(have) == self.num_pieces:
             self._complete(dst, now)
 
