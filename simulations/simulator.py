@@ -803,52 +803,63 @@ class Simulator:
         self.dirty = {}
         self.dirty_links = {}
         self.stats["rate_updates"] += updates
-        cap = self._cap
         no_links = not self.links
-        slots = self.slots
-        times = self.times
+        set_rate = self._set_rate
         for src in senders:
             flows = src.sending
-            up = src.up
-            n = len(flows)
-            rates: Sequence[float]
-            if n == 3:  # the common case (UPLOAD_SLOTS): _water_fill unrolled
+            if len(flows) == 3 and no_links:  # the common case, unrolled (see _rates)
                 f0, f1, f2 = flows
-                if no_links:  # (then a flow's cap is its receiver's share: _cap)
-                    rates = _water_fill3(up, f0.dst.share, f1.dst.share, f2.dst.share)
-                else:
-                    rates = _water_fill3(up, cap(f0), cap(f1), cap(f2))
-            elif n == 1:
-                rates = (min(up, cap(flows[0])),)
-            elif n == 2:
-                a, b = cap(flows[0]), cap(flows[1])
-                if a <= b:
-                    ra = min(a, up / 2)
-                    rates = (ra, min(b, up - ra))
-                else:
-                    rb = min(b, up / 2)
-                    rates = (min(a, up - rb), rb)
+                r0, r1, r2 = _water_fill3(src.up, f0.dst.share, f1.dst.share, f2.dst.share)
+                if r0 != f0.rate:
+                    set_rate(f0, r0, now)
+                if r1 != f1.rate:
+                    set_rate(f1, r1, now)
+                if r2 != f2.rate:
+                    set_rate(f2, r2, now)
             else:
-                rates = _water_fill(up, [cap(f) for f in flows])
-            for c, rate in zip(flows, rates, strict=True):
-                if rate != c.rate:
-                    if c.rate > 0.0:
-                        c.remaining -= c.rate * (now - c.last)
-                        if c.remaining < 0.0:
-                            c.remaining = 0.0
-                    c.last = now
-                    c.rate = rate
-                    # _schedule, inline (the hottest caller)
-                    finish = now + c.remaining / rate
-                    if finish < c.due:
-                        ver = c.ver = c.ver + 1
-                        c.due = finish
-                        slot = slots.get(finish)
-                        if slot is None:
-                            slots[finish] = [(_PIECE, c, ver)]
-                            heappush(times, finish)
-                        else:
-                            slot.append((_PIECE, c, ver))
+                for c, rate in zip(flows, self._rates(src), strict=True):
+                    if rate != c.rate:
+                        set_rate(c, rate, now)
+
+    def _rates(self, src: _Node) -> Sequence[float]:
+        """``src``'s upload water-filled over its active flows, each capped by _cap."""
+        flows = src.sending
+        up = src.up
+        cap = self._cap
+        n = len(flows)
+        if n == 3:  # (UPLOAD_SLOTS)
+            return _water_fill3(up, cap(flows[0]), cap(flows[1]), cap(flows[2]))
+        if n == 1:
+            return (min(up, cap(flows[0])),)
+        if n == 2:  # _water_fill for two flows, unrolled
+            a, b = cap(flows[0]), cap(flows[1])
+            if a <= b:
+                ra = min(a, up / 2)
+                return (ra, min(b, up - ra))
+            rb = min(b, up / 2)
+            return (min(a, up - rb), rb)
+        return _water_fill(up, [cap(f) for f in flows])
+
+    def _set_rate(self, c: _Conn, rate: float, now: float) -> None:
+        """``c`` sends at ``rate`` from ``now``: what it sent at its old rate is accounted, and
+        its completion is rescheduled if it now comes earlier (see _schedule)."""
+        if c.rate > 0.0:
+            c.remaining -= c.rate * (now - c.last)
+            if c.remaining < 0.0:
+                c.remaining = 0.0
+        c.last = now
+        c.rate = rate
+        # _schedule, inline (this is its hottest caller)
+        finish = now + c.remaining / rate
+        if finish < c.due:
+            ver = c.ver = c.ver + 1
+            c.due = finish
+            slot = self.slots.get(finish)
+            if slot is None:
+                self.slots[finish] = [(_PIECE, c, ver)]
+                heappush(self.times, finish)
+            else:
+                slot.append((_PIECE, c, ver))
 
     @staticmethod
     def _cap(c: _Conn) -> float:
@@ -1501,31 +1512,43 @@ class Simulator:
 
 
 def _water_fill3(capacity: float, a: float, b: float, c: float) -> tuple[float, float, float]:
-    """``_water_fill(capacity, [a, b, c])`` unrolled: the same order (caps ascending, ties in
-    flow order, as the stable sort) and the same arithmetic, so the same rates to the bit."""
+    """``_water_fill(capacity, [a, b, c])`` unrolled: the caps in the same order (ascending,
+    ties in flow order, as the stable sort) and the same arithmetic, so the same rates to the
+    bit (tests/unit/test_simulator.py checks), in a quarter of the time."""
+    # x <= y <= z: the caps in the order _water_fill takes them; ``order`` says whose they are.
     if a <= b:
         if b <= c:
-            ra, rb, rc = _fill_ascending(capacity, a, b, c)
+            order, x, y, z = 0, a, b, c
         elif a <= c:
-            ra, rc, rb = _fill_ascending(capacity, a, c, b)
+            order, x, y, z = 1, a, c, b
         else:
-            rc, ra, rb = _fill_ascending(capacity, c, a, b)
+            order, x, y, z = 2, c, a, b
     elif a <= c:
-        rb, ra, rc = _fill_ascending(capacity, b, a, c)
+        order, x, y, z = 3, b, a, c
     elif b <= c:
-        rb, rc, ra = _fill_ascending(capacity, b, c, a)
+        order, x, y, z = 4, b, c, a
     else:
-        rc, rb, ra = _fill_ascending(capacity, c, b, a)
-    return ra, rb, rc
-
-
-def _fill_ascending(capacity: float, x: float, y: float, z: float) -> tuple[float, float, float]:
-    """Water-fill three flows whose caps are in ascending order (as _water_fill's loop)."""
-    rx = min(x, capacity / 3)
+        order, x, y, z = 5, c, b, a
+    # _water_fill's loop: min(cap, left / count), count = 3, 2, 1 (x if x <= t else t is
+    # min(x, t), without the call)
+    t = capacity / 3
+    rx = x if x <= t else t
     left = capacity - rx
-    ry = min(y, left / 2)
+    t = left / 2
+    ry = y if y <= t else t
     left -= ry
-    return rx, ry, min(z, left / 1)
+    rz = z if z <= left else left
+    if order == 0:
+        return rx, ry, rz
+    if order == 1:
+        return rx, rz, ry
+    if order == 2:
+        return ry, rz, rx
+    if order == 3:
+        return ry, rx, rz
+    if order == 4:
+        return rz, rx, ry
+    return rz, ry, rx
 
 
 def _water_fill(capacity: float, caps: list[float]) -> list[float]:

@@ -358,6 +358,18 @@ def test_availability_is_the_count_of_connected_peers_holding_each_piece(max_pee
     assert checked and max(checked) > 0
 
 
+def test_unrolled_water_fill_is_the_loop_to_the_bit() -> None:
+    up = 100.0 * MiB
+    shares = [up / k for k in range(1, 10)] + [1.0, up / 3 + 1e-9, 2 * up / 3, 2 * up]
+    for caps in itertools.product(shares, repeat=3):
+        assert sim._water_fill3(up, *caps) == tuple(sim._water_fill(up, list(caps)))
+    rng = random.Random(3)
+    for _ in range(2000):
+        caps = [rng.uniform(0, 2 * up) for _ in range(3)]
+        capacity = rng.uniform(1, 3 * up)
+        assert sim._water_fill3(capacity, *caps) == tuple(sim._water_fill(capacity, caps))
+
+
 def test_fast_shuffle_is_a_permutation() -> None:
     rng = FastShuffleRandom(1)
     items = list(range(100))
