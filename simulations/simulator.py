@@ -735,10 +735,12 @@ class Simulator:
     # -- batch end: refill requests, dial, re-rate ----------------------------------------------
 
     def _settle(self, now: float) -> None:
+        depth = self.depth
         while self.refill or self.dial or self.grant:
             refill, self.refill = self.refill, {}
             for c in refill:
-                if c.open:
+                # (most were topped up since they were marked: a HAVE's dry shortcut)
+                if c.open and len(c.queue) < depth:
                     self._fill(c, now)
             dial, self.dial = self.dial, {}
             for node in dial:
@@ -1019,8 +1021,8 @@ class Simulator:
         queue = c.queue
         index = queue.pop(0)
         c.req_at.pop(0)
-        dst = c.dst
-        if c.src is self.origin:
+        src, dst = c.src, c.dst
+        if src is self.origin:
             self.origin_bytes += self.piece_size[index]
             self.origin_pieces += 1
             self.origin_egress.append((now, self.origin_bytes))
@@ -1033,7 +1035,6 @@ class Simulator:
                 else:
                     self._origin_done(dst, now)
         else:
-            src = c.src
             self.peer_bytes += self.piece_size[index]
             if src.zone != dst.zone:
                 self.inter_zone_bytes += self.piece_size[index]
@@ -1051,9 +1052,11 @@ class Simulator:
             # with every request that arrived meanwhile (the agent's send loop asks for a slot
             # per piece; which of simultaneous requests wins is a race there).
             self._deactivate(c)
-            self._release(src, now)
+            src.slots += 1  # (_release)
             if queue:
                 self._send(c, now)
+            elif src.n_waiting:
+                self.grant[src] = None
             return
         if c.open:
             if queue:  # the origin's next piece: rated with the origin's flows (_rerate)
