@@ -298,6 +298,40 @@ def test_the_dry_shortcut_matches_the_stock_picks_contract() -> None:
         assert picker.pick(peer, count, picker.first_missing(), exclude=first) == [new]
 
 
+def test_a_lone_arrival_needs_only_mark_have_with_the_stock_picker() -> None:
+    """The one request of a piece we lack arrives: the stock picker's mark_have alone leaves
+    the state request_ended + mark_have would, which _deliver relies on to skip the call."""
+    rng = random.Random(11)
+    for _ in range(300):
+        n = rng.randint(1, 40)
+        pickers = [PiecePicker(n, rng=random.Random(1)) for _ in range(2)]
+        for i in rng.sample(range(n), rng.randint(0, n)):
+            for p in pickers:
+                p.mark_have(i)
+        for i in rng.sample(range(n), rng.randint(0, n)):
+            times = 2 if rng.random() < 0.2 else 1  # (endgame duplicates: not lone)
+            for p in pickers:
+                for _ in range(times):
+                    p.request_started(i)
+        lone = [i for i in range(n) if pickers[0].in_flight.get(i) == 1]
+        if not lone or lone[0] in pickers[0].have:
+            continue
+        index = rng.choice([i for i in lone if i not in pickers[0].have])
+        pickers[0].request_ended(index)
+        for p in pickers:
+            p.mark_have(index)
+        a, b = pickers
+        assert [i in a.have for i in range(n)] == [i in b.have for i in range(n)]
+        assert (a.in_flight, a.unrequested, a.first_missing()) == (
+            b.in_flight,
+            b.unrequested,
+            b.first_missing(),
+        )
+    assert sim.Simulator(
+        SimConfig(nodes=2, blob_size=MiB, node_upload=1, node_download=1, origin_upload=1)
+    ).lone_arrival
+
+
 def test_piece_sets_do_not_change_a_pick() -> None:
     for seed in range(30):
         rng = random.Random(seed)
