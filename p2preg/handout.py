@@ -34,7 +34,6 @@ simulator (more piece timeouts at the early nodes everyone then dials), so load 
 from __future__ import annotations
 
 import bisect
-import heapq
 import math
 import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -130,12 +129,10 @@ def _best(
 
 
 def _smallest(tier: list[PeerRecord], keys: list[tuple[float, ...]], room: int) -> list[PeerRecord]:
-    positions = range(len(tier))
-    if room < len(tier):
-        order = heapq.nsmallest(room, positions, key=keys.__getitem__)
-    else:
-        order = sorted(positions, key=keys.__getitem__)
-    return [tier[i] for i in order]
+    # A full sort, not heapq.nsmallest (documented as equivalent to sorted(...)[:room], ties
+    # included): nsmallest's loop is Python, the sort C, 3x faster at the tracker's 200.
+    order = sorted(range(len(tier)), key=keys.__getitem__)
+    return [tier[i] for i in order[:room]]
 
 
 def _newest_per_peer(candidates: Sequence[PeerRecord]) -> list[PeerRecord]:
