@@ -1140,7 +1140,7 @@ class Simulator:
             if not u.active and not u.waiting:
                 self._send(u, now)
             elif len(queue) > 1:
-                self._offer_queued(w)
+                self._offer_queued(w, (index,))
             if len(wp.in_flight) == self.num_pieces - len(w.have):
                 self._endgame(w)
         else:
@@ -1236,19 +1236,26 @@ class Simulator:
         if not c.active and not c.waiting:
             self._send(c, now)
         if len(queue) > 1:
-            self._offer_queued(dst)
+            # (the chosen ones that are not the head: the first may be the only one there)
+            self._offer_queued(dst, chosen if len(queue) > len(chosen) else chosen[1:])
         in_flight = picker.in_flight
         have = dst.have
         if not dst.endgame and len(in_flight) == self.num_pieces - len(have):
             self._endgame(dst)
 
-    def _offer_queued(self, dst: _Node) -> None:
-        """A request of ``dst`` was queued behind another: a peer it asks nothing of may take
-        it over (_take_over; the agent's ticker offers it to every such peer within 50 ms)."""
+    def _offer_queued(self, dst: _Node, pieces: Sequence[int]) -> None:
+        """``pieces`` of ``dst`` were queued behind another request: a peer it asks nothing of
+        that holds one may take it over (_take_over; the agent's ticker offers them to every
+        such peer within 50 ms). Only those peers: refilling every idle connection of ``dst``
+        made take-over a fifth of a 10,000-node run."""
         refill = self.refill
         for other in dst.downloads.values():
             if not other.queue:
-                refill[other] = None
+                held = other.src.have
+                for index in pieces:
+                    if index in held:
+                        refill[other] = None
+                        break
 
     def _take_over(self, c: _Conn, room: int, now: float) -> None:
         """Nothing to pick from ``c``'s peer and nothing asked of it: it takes over requests of
