@@ -86,7 +86,7 @@ STALL_POLL = 0.1  # the agent checks for a stalled swarm this often
 DEFAULT_PICK_COUNT = 16  # pieces asked of the picker per call
 DEFAULT_BATCH_WINDOW = 1e-3  # seconds of events merged into one batch
 MAX_STUCK_BATCHES = 100_000  # batches in a row at one instant before the loop calls it a livelock
-MAX_PIECES = 1 << 16  # simulation size limits (memory: about 1 byte per node-piece, x 3)
+MAX_PIECES = 1 << 16  # simulation size limits (memory: ~130 bytes per node-piece, in all)
 MAX_NODE_PIECES = 10**9
 _INF = math.inf
 
