@@ -88,7 +88,7 @@ STALL_POLL = 0.1  # the agent checks for a stalled swarm this often
 DEFAULT_PICK_COUNT = 16  # pieces asked of the picker per call
 DEFAULT_BATCH_WINDOW = 1e-3  # seconds of events merged into one batch
 MAX_STUCK_BATCHES = 100_000  # batches in a row at one instant before the loop calls it a livelock
-MAX_PIECES = 1 << 16  # simulation size limits (memory: about 1 byte per node-piece, x 3)
+MAX_PIECES = 1 << 16  # simulation size limits (memory: ~130 bytes per node-piece, in all)
 MAX_NODE_PIECES = 10**9
 _INF = math.inf
 
@@ -238,9 +238,8 @@ class _Node:
         self.have = PieceSet(0)
         # Its downloaders as _deliver's HAVE fan-out reads them (_fan_out; None: rebuild).
         self.fan: _FanOut | None = None
-        # Per piece, 1 if held, as the digits of one integer (_availability): a byte per piece,
-        # two if a node may have 256 peers or more (--max-peers).
-        self.held = bytearray(0)
+        # The pieces it holds as the digits of one integer, 1 per piece held (_availability).
+        self.held = 0
         self.read_pos = 0  # = picker.first_missing(), kept incrementally
         self.endgame = False
         self.uploads: dict[_Conn, None] = {}  # connections this node serves
@@ -476,9 +475,10 @@ class Simulator:
         # by piece, so a HAVE's fan-out reads its downloaders' flags in one C call (_fan_out);
         # the last byte is always 1 (a downloader that never wants: see _fan_out).
         self.want = [bytearray(config.nodes) + b"\x01" for _ in range(self.num_pieces)]
-        # Bytes per piece in a node's ``held`` digits: more than a byte's worth of peers
-        # (--max-peers) would carry into the next piece's digit.
+        # Piece i's digit in a node's ``held`` (_availability): a byte per piece, two if a node
+        # may have 256 peers or more (--max-peers), whose sum would carry into the next digit.
         self.held_width = 1 if config.max_peers < 256 else 2
+        self.held_digit = [1 << (8 * self.held_width * i) for i in range(self.num_pieces)]
         placeholder = PiecePicker(0)
         self.nodes = [
             _Node(i, i % config.zones, config.node_upload, config.node_download, placeholder)
@@ -487,8 +487,7 @@ class Simulator:
         self.origin = _Node(-1, -1, config.origin_upload, 0.0, placeholder)
         for i in range(self.num_pieces):
             self.origin.have.add(i)
-        self.origin.held = bytearray(self.num_pieces * self.held_width)
-        self.origin.held[:: self.held_width] = b"\x01" * self.num_pieces
+        self.origin.held = sum(self.held_digit)
         self.origin.have.size = self.num_pieces
         self.links: dict[tuple[int, int], _Link] = {}
         if config.inter_zone is not None and config.zones > 1:
@@ -1098,7 +1097,7 @@ class Simulator:
         picker.mark_have(index)
         wants = self.want[index]
         wants[dst.index] = 1
-        dst.held[index * self.held_width] = 1
+        dst.held += self.held_digit[index]
         dst.last_progress = now
         if index == dst.read_pos:
             pos = index + 1
@@ -1319,12 +1318,12 @@ class Simulator:
         """How many of ``node``'s connected peers hold each piece: the picker's availability,
         the counts add_peer / peer_has / remove_peer would keep, summed when a pick needs them
         (0.05 picks per piece transfer) instead of counted on every HAVE (9 per transfer).
-        Each peer's ``held`` bytes are the digits of one integer, 1 per piece it holds; digits
-        never carry (fewer than 256 peers per byte), so the sum's digits are the counts."""
+        Each peer's ``held`` has a digit of 1 per piece it holds; digits never carry (fewer
+        than 256 peers per byte), so the sum's digits are the counts."""
         width = self.held_width
         total = 0
         for c in node.downloads.values():
-            total += int.from_bytes(c.src.held, "little")
+            total += c.src.held
         digits = total.to_bytes(self.num_pieces * width, "little")
         if width == 1:
             return cast(list[int], digits)
@@ -1399,7 +1398,6 @@ class Simulator:
         node.last_progress = now
         picker = self.picker_factory(self.num_pieces, self.policy_rng)
         node.have = install_piece_sets(picker, self.known)
-        node.held = bytearray(self.num_pieces * self.held_width)
         node.sent = bytearray(self.num_pieces)
         node.served = [None] * self.num_pieces
         node.picker = picker
