@@ -1284,7 +1284,8 @@ class Simulator:
             position = other.queue.index(index)
             del other.queue[position]
             del other.req_at[position]
-            other.dry = False  # room there now: its next pick may find something
+            # Room there now; its dry flag stays true (the piece is still requested, so its
+            # peer has nothing fresh that it had not before): no O(pieces) pick for it.
             self.refill[other] = None
             c.queue.append(index)
             c.req_at.append(now)
