@@ -11,6 +11,7 @@ import json
 import math
 import random
 from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ import pytest
 from p2preg.bitfield import Bitfield
 from p2preg.cli import main
 from p2preg.config import AgentConfig, TrackerConfig
-from p2preg.handout import PeerRecord, Requester, choose_peers
+from p2preg.handout import HANDOUT_SAMPLE, PeerRecord, Requester, choose_peers
 from p2preg.piece_picker import PiecePicker
 from simulations import simulator as sim
 from simulations.sim_bounds import kumar_ross_bound, zone_bound
@@ -204,7 +205,12 @@ class RandomPicker(PiecePicker):
     """No window, no rarest-first: any fresh piece the peer has, at random."""
 
     def pick(
-        self, peer: Bitfield, count: int, read_position: int = 0, *, exclude: Iterable[int] = ()
+        self,
+        peer: Bitfield | AbstractSet[int],
+        count: int,
+        read_position: int = 0,
+        *,
+        exclude: Iterable[int] = (),
     ) -> list[int]:
         excluded = set(exclude)
         wanted = [
@@ -419,9 +425,9 @@ def test_unrolled_water_fill_is_the_loop_to_the_bit() -> None:
         assert sim._water_fill3(up, *caps) == tuple(sim._water_fill(up, list(caps)))
     rng = random.Random(3)
     for _ in range(2000):
-        caps = [rng.uniform(0, 2 * up) for _ in range(3)]
+        drawn = [rng.uniform(0, 2 * up) for _ in range(3)]
         capacity = rng.uniform(1, 3 * up)
-        assert sim._water_fill3(capacity, *caps) == tuple(sim._water_fill(capacity, caps))
+        assert sim._water_fill3(capacity, *drawn) == tuple(sim._water_fill(capacity, drawn))
 
 
 def test_fast_shuffle_is_a_permutation() -> None:
@@ -440,7 +446,13 @@ def test_constants_agree_with_the_agent_and_the_tracker() -> None:
     assert sim.MAX_IN_FLIGHT_BYTES == swarm.MAX_IN_FLIGHT_BYTES
     assert sim.MAX_CONNECTIONS == peer_server.MAX_CONNECTIONS
     assert sim.REFUSAL_BACKOFF == swarm.REFUSAL_BACKOFF
-    assert StoreLimits().handout_sample == sim.HANDOUT_SAMPLE
+    assert StoreLimits().handout_sample == HANDOUT_SAMPLE
+    assert (
+        sim.SimConfig(
+            nodes=1, blob_size=1, node_upload=1, node_download=1, origin_upload=1
+        ).handout_sample
+        == HANDOUT_SAMPLE
+    )
     assert sim.ANNOUNCE_INTERVAL == swarm_coordinator.ANNOUNCE_INTERVAL
     tracker = TrackerConfig(cluster_secret=b"x" * 32)
     assert tracker.max_peers == sim.HANDOUT_LIMIT
