@@ -1256,6 +1256,15 @@ class Simulator:
                         refill[other] = None
                         break
 
+    @staticmethod
+    def _current_refusals(c: _Conn, now: float) -> dict[int, float]:
+        """``c``'s refusals still within their back-off (older ones are forgotten)."""
+        refused = c.refused
+        for index, at in list(refused.items()):
+            if at + REFUSAL_BACKOFF <= now:  # (the same sum as the _REFILL event's time)
+                del refused[index]
+        return refused
+
     def _take_over(self, c: _Conn, room: int, now: float) -> None:
         """Nothing to pick from ``c``'s peer and nothing asked of it: it takes over requests of
         its downloader that wait at other peers behind another one (the agent's rule, shared:
@@ -1264,13 +1273,8 @@ class Simulator:
         to a peer that refused us a piece lately: the origin fetcher, super-seeding, refuses
         pieces that others hold already, and a moved request it refuses is back at the end of
         a queue."""
-        refused = c.refused
-        if refused:
-            for index, at in list(refused.items()):
-                if at + REFUSAL_BACKOFF <= now:
-                    del refused[index]
-            if refused:
-                return
+        if c.refused and self._current_refusals(c, now):
+            return
         dst = c.dst
         queues = (
             (other, other.queue)
@@ -1301,10 +1305,7 @@ class Simulator:
         exclude = c.queue + chosen
         refused = c.refused
         if refused:  # as agent/swarm.py: not asked of this peer again for a while
-            for index, at in list(refused.items()):
-                if at + REFUSAL_BACKOFF <= now:  # (the same sum as the _REFILL event's time)
-                    del refused[index]
-            exclude += refused
+            exclude += self._current_refusals(c, now)
         picker.availability = self._availability(c.dst)
         picks = picker.pick(c.src.have.as_bitfield(), count, c.dst.read_pos, exclude=exclude)
         self.stats["picks"] += 1
