@@ -30,7 +30,7 @@ from p2preg.config import AgentConfig
 from p2preg.digest import Digest
 from p2preg.errors import DigestMismatch, P2PRegError, RegistryError, UpstreamUnavailable
 from p2preg.mediatypes import MAX_MANIFEST_BYTES
-from p2preg.metainfo import MetaInfo
+from p2preg.metainfo import MetaInfo, piece_length_for
 
 log = logging.getLogger(__name__)
 
@@ -245,11 +245,8 @@ class BlobDownloads:
             )
         if download.manifest_accept is not None and size > MAX_MANIFEST_BYTES:
             raise RegistryError("MANIFEST_INVALID", f"origin sent a manifest of {size} bytes")
-        self.prepare(download, MetaInfo.empty(download.digest, size, self.piece_length))
-
-    @property
-    def piece_length(self) -> int:
-        return self._config.piece_length
+        piece_length = self._config.piece_length or piece_length_for(size)
+        self.prepare(download, MetaInfo.empty(download.digest, size, piece_length))
 
     def prepare(self, download: Download, metainfo: MetaInfo) -> BlobAssembly:
         """The blob's size is known: reserve room, lay out the partial file, let clients in."""

@@ -23,9 +23,9 @@ from agent.peer_link import PeerGone, PeerLink
 from p2preg.bitfield import Bitfield
 from p2preg.digest import Digest
 from p2preg.errors import ConfigError, LocalProtocolError, RemoteProtocolError
-from p2preg.metainfo import DEFAULT_PIECE_LENGTH, MetaInfo, piece_count, piece_hash
+from p2preg.metainfo import MetaInfo, piece_count, piece_hash, piece_length_for
+from p2preg.swarm_limits import upload_slots
 from p2preg.token_bucket import RateLimiter
-from p2preg.upload_policy import upload_slots
 from p2preg.wire import (
     BitfieldMsg,
     Cancel,
@@ -163,7 +163,7 @@ class PeerServer:
 
     def note_swarm_size(self, peers: int) -> None:
         """The tracker just handed out ``peers`` other peers of a blob: size the upload slots
-        for a swarm that large (p2preg.upload_policy; the latest announce decides)."""
+        for a swarm that large (p2preg.swarm_limits; the latest announce decides)."""
         slots = upload_slots(peers)
         if slots != self._slots.limit:
             log.info("upload slots: %d (a swarm of %d other peers)", slots, peers)
@@ -183,7 +183,7 @@ class PeerServer:
         if size is None:
             return None
         metainfo = self._store.read_metainfo(digest)
-        count = metainfo.num_pieces if metainfo else piece_count(size, DEFAULT_PIECE_LENGTH)
+        count = metainfo.num_pieces if metainfo else piece_count(size, piece_length_for(size))
         store = self._store
 
         def open_fd() -> int | None:
@@ -358,7 +358,7 @@ class PeerServer:
 
         def compute() -> MetaInfo:
             try:
-                empty = MetaInfo.empty(digest, size, DEFAULT_PIECE_LENGTH)
+                empty = MetaInfo.empty(digest, size, piece_length_for(size))
                 hashes = []
                 for index in range(empty.num_pieces):
                     offset, length = empty.span(index)

@@ -30,6 +30,7 @@ from p2preg.digest import Digest
 from p2preg.errors import LocalProtocolError, RemoteProtocolError
 from p2preg.metainfo import MetaInfo
 from p2preg.piece_picker import PiecePicker, queued_to_take_over
+from p2preg.swarm_limits import download_peers
 from p2preg.wire import (
     BitfieldMsg,
     Cancel,
@@ -50,7 +51,6 @@ MAX_IN_FLIGHT = 8
 MAX_IN_FLIGHT_BYTES = 8 * 1024 * 1024
 # A piece a peer refused is not asked of that peer again for this long.
 REFUSAL_BACKOFF = 0.5
-MAX_PEERS = 8
 TICK = 0.05
 
 
@@ -95,6 +95,7 @@ class Swarm:
                 self.picker.mark_have(index)
         self.peers: dict[bytes, _Peer] = {}
         self._addresses: list[str] = []
+        self._max_peers = download_peers(None)  # sized at every announce (note_swarm_size)
         self._dialing: set[str] = set()
         self._failed: dict[str, float] = {}
         self._wakeup = trio.Event()
@@ -110,6 +111,12 @@ class Swarm:
         for address in addresses:
             if address not in self._addresses:
                 self._addresses.append(address)
+        self._wakeup.set()
+
+    def note_swarm_size(self, peers: int) -> None:
+        """The tracker's last answer listed ``peers`` other peers: download from as many at
+        once as p2preg.swarm_limits gives for that size. (Peers over a lowered limit stay.)"""
+        self._max_peers = download_peers(peers)
         self._wakeup.set()
 
     def learn_metainfo(self, metainfo: MetaInfo) -> None:
@@ -146,7 +153,7 @@ class Swarm:
     def _dial_more(self, nursery: trio.Nursery) -> None:
         now = trio.current_time()
         for address in self._addresses:
-            if len(self.peers) + len(self._dialing) >= MAX_PEERS:
+            if len(self.peers) + len(self._dialing) >= self._max_peers:
                 return
             if address in self._dialing or now - self._failed.get(address, -1e9) < 2.0:
                 continue

@@ -232,6 +232,7 @@ class SwarmCoordinator:
         )
         swarm.learn_metainfo(metainfo)
         if holders:
+            swarm.note_swarm_size(len(holders))
             swarm.add_addresses(holders)
         download.piece_listeners.append(swarm.local_piece)
         origin_started = False
@@ -326,6 +327,7 @@ class SwarmCoordinator:
         assert assembly is not None
         try:
             result = await self._announce(download.digest, assembly.metainfo, len(assembly.pieces))
+            swarm.note_swarm_size(self._others(result))
             swarm.add_addresses(
                 [
                     p.addr
@@ -364,9 +366,12 @@ class SwarmCoordinator:
             complete=pieces == metainfo.num_pieces,
             pieces=pieces,
         )
-        others = sum(1 for p in result.peers if p.peer_id != self._identity.peer_id)
-        self._peer_server.note_swarm_size(others)
+        self._peer_server.note_swarm_size(self._others(result))
         return result
+
+    def _others(self, result: AnnounceResult) -> int:
+        """How many other peers the tracker listed: the swarm's size as far as limits go."""
+        return sum(1 for p in result.peers if p.peer_id != self._identity.peer_id)
 
     # -- after a download and at startup -------------------------------------------------------
 

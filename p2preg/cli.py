@@ -78,7 +78,9 @@ def _agent_parser(subparsers: Any) -> None:
     p2p.add_argument("--zone", metavar="NAME", help="this node's zone (same-zone peers first)")
     p2p.add_argument("--upload-limit", metavar="RATE", help="e.g. 50MiB (bytes per second)")
     p2p.add_argument("--download-limit", metavar="RATE", help="e.g. 50MiB (bytes per second)")
-    p2p.add_argument("--piece-length", metavar="SIZE", help="piece size for new blobs (4MiB)")
+    p2p.add_argument(
+        "--piece-length", metavar="SIZE", help="piece size for new blobs (default: by size)"
+    )
     p2p.add_argument(
         "--swarm-stall-timeout", metavar="DURATION", help="take over the origin after (3s)"
     )

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 from p2preg.cluster_auth import parse_cluster_secret
 from p2preg.errors import ConfigError
-from p2preg.metainfo import DEFAULT_PIECE_LENGTH, MAX_PIECE_LENGTH, MIN_PIECE_LENGTH
+from p2preg.metainfo import MAX_PIECE_LENGTH, MIN_PIECE_LENGTH
 from p2preg.reference import DOCKER_HUB_NAMESPACE
 from p2preg.units import parse_duration, parse_size
 
@@ -77,7 +77,7 @@ class AgentConfig:
     zone: str = ""
     upload_limit: int | None = None  # bytes per second; None = unlimited
     download_limit: int | None = None
-    piece_length: int = DEFAULT_PIECE_LENGTH
+    piece_length: int | None = None  # None: by the blob's size (metainfo.piece_length_for)
     # A swarm download that gains nothing for this long takes (or waits for) the origin lease.
     swarm_stall_timeout: float = 3.0
     piece_timeout: float = 10.0

@@ -51,6 +51,7 @@ from urllib.parse import urljoin
 import httpx
 
 from p2preg.errors import ConfigError
+from p2preg.metainfo import piece_length_for
 from p2preg.units import parse_size
 from simulations.bench_registry import (
     REPOSITORY,
@@ -727,7 +728,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="direct,bittorrent",
         help="comma-separated: direct, bittorrent, or none (default: both)",
     )
-    parser.add_argument("--piece-length", default="4MiB", help="p2preg's piece length (4MiB)")
+    parser.add_argument(
+        "--piece-length",
+        default="auto",
+        help="p2preg's piece length (default auto: by the blob's size, as the agent)",
+    )
     parser.add_argument(
         "--bt-piece-length",
         default="256KiB",
@@ -781,7 +786,11 @@ def options_from_args(args: argparse.Namespace) -> Options:
         if args.origin_bandwidth
         else node_rate
     )
-    piece_length = parse_size(args.piece_length, "--piece-length")
+    piece_length = (
+        piece_length_for(blob)
+        if args.piece_length == "auto"
+        else parse_size(args.piece_length, "--piece-length")
+    )
     bt_piece_length = parse_size(args.bt_piece_length, "--bt-piece-length")
     if not 16 * 1024 <= bt_piece_length <= 64 * MiB:
         raise ConfigError("--bt-piece-length must be between 16KiB and 64MiB")

@@ -16,7 +16,7 @@ A discrete-event, flow-level model (docs/simulator.md has the whole story):
   swarm made no progress for the stall timeout takes the lease once it expires (holder dead or
   done) and streams the rest from the origin.
 * As the agent's peer server: a node sends at most ``upload_slots(swarm size)`` pieces at once
-  (p2preg.upload_policy; the least-sent piece first, then the longest waiting request), and the
+  (p2preg.swarm_limits; the least-sent piece first, then the longest waiting request), and the
   origin fetcher refuses a piece it already sent to a peer that is still connected
   (super-seeding); refused requesters back off. A peer a node asks nothing of takes over its
   requests queued behind another elsewhere (p2preg.piece_picker.queued_to_take_over).
@@ -55,22 +55,21 @@ from p2preg.handout import (
     choose_peers,
 )
 from p2preg.metainfo import (
-    DEFAULT_PIECE_LENGTH,
     MAX_BLOB_SIZE,
     MAX_PIECE_LENGTH,
     MIN_PIECE_LENGTH,
     piece_count,
+    piece_length_for,
 )
 from p2preg.piece_picker import PiecePicker, queued_to_take_over
+from p2preg.swarm_limits import DOWNLOAD_PEERS, download_peers, upload_slots
 from p2preg.units import format_size, parse_duration, parse_size
-from p2preg.upload_policy import upload_slots
 from simulations.sim_bounds import kumar_ross_bound, zone_bound
 from simulations.sim_fast import FastShuffleRandom, PieceSet, install_piece_sets
 
 # The agent's and tracker's constants and defaults (tests/unit/test_simulator.py checks that
 # they still agree with agent/swarm.py, agent/peer_server.py, agent/swarm_coordinator.py and
 # p2preg/config.py).
-MAX_PEERS = 8  # download connections per blob (agent/swarm.py)
 MAX_IN_FLIGHT = 8  # requests in flight per peer (agent/swarm.py) ...
 MAX_IN_FLIGHT_BYTES = 8 * 1024 * 1024  # ... and at most this many bytes of them
 MAX_CONNECTIONS = 512  # connections a peer server accepts (agent/peer_server.py)
@@ -109,7 +108,7 @@ class SimConfig:
     node_upload: float  # bytes per second
     node_download: float
     origin_upload: float
-    piece_length: int = DEFAULT_PIECE_LENGTH
+    piece_length: int = 0  # 0: by the blob's size, as the agent (metainfo.piece_length_for)
     zones: int = 1
     inter_zone: float | None = None  # per ordered zone pair (a -> b); None: unlimited
     fail_fraction: float = 0.0
@@ -125,11 +124,16 @@ class SimConfig:
     handout_sample: int = HANDOUT_SAMPLE
     max_time: float | None = None  # stop here (None: 100 x the bound + 600 s)
     fail_nodes: tuple[tuple[int, float], ...] = ()  # (node, time) failures on top of the fraction
-    # What-ifs, not the agent (the defaults are the agent's): download connections per node,
-    # and dropping a peer that had nothing for us (no request, nothing to pick) for this long
-    # to dial another (0: never, as the agent).
-    max_peers: int = MAX_PEERS
+    # What-ifs, not the agent (the defaults are the agent's): download connections per node
+    # (0: by the swarm's size, as the agent: p2preg.swarm_limits.download_peers), and dropping
+    # a peer that had nothing for us (no request, nothing to pick) for this long to dial
+    # another (0: never, as the agent).
+    max_peers: int = 0
     replace_idle: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.piece_length == 0:
+            object.__setattr__(self, "piece_length", piece_length_for(self.blob_size))
 
     def validate(self) -> None:
         if self.nodes < 1:
@@ -169,8 +173,8 @@ class SimConfig:
             raise ConfigError("--pick-count must be at least 1")
         if self.batch_window < 0:
             raise ConfigError("--batch-window must not be negative")
-        if not 1 <= self.max_peers <= MAX_CONNECTIONS:
-            raise ConfigError(f"--max-peers must be between 1 and {MAX_CONNECTIONS}")
+        if not 0 <= self.max_peers <= MAX_CONNECTIONS:
+            raise ConfigError(f"--max-peers must be between 0 (auto) and {MAX_CONNECTIONS}")
         if self.replace_idle < 0:
             raise ConfigError("--replace-idle must not be negative")
         if self.handout_sample != 0 and self.handout_sample < HANDOUT_LIMIT:
@@ -202,6 +206,7 @@ class _Node:
         "next_handout",
         "origin_conn",
         "peer_id",
+        "peer_limit",
         "picker",
         "rated_down",
         "rated_up",
@@ -250,6 +255,7 @@ class _Node:
         self.share = down  # down / n_down: each flow's equal share of the download (_cap)
         self.rated_up = 0  # n_up when this node's flows were last re-rated
         self.rated_down = 0
+        self.peer_limit = download_peers(None)  # resized at every announce, as the agent's
         self.addresses: list[int] = []  # handed-out peers, first seen first (as the agent)
         self.addr_index: set[int] = set()
         self.failed_at: dict[int, float] = {}
@@ -477,13 +483,16 @@ class Simulator:
         self.want = [bytearray(config.nodes) + b"\x01" for _ in range(self.num_pieces)]
         # Piece i's digit in a node's ``held`` (_availability): a byte per piece, two if a node
         # may have 256 peers or more (--max-peers), whose sum would carry into the next digit.
-        self.held_width = 1 if config.max_peers < 256 else 2
+        self.held_width = 1 if max(config.max_peers, DOWNLOAD_PEERS) < 256 else 2
         self.held_digit = [1 << (8 * self.held_width * i) for i in range(self.num_pieces)]
         placeholder = PiecePicker(0)
         self.nodes = [
             _Node(i, i % config.zones, config.node_upload, config.node_download, placeholder)
             for i in range(config.nodes)
         ]
+        if config.max_peers:
+            for node in self.nodes:
+                node.peer_limit = config.max_peers
         self.origin = _Node(-1, -1, config.origin_upload, 0.0, placeholder)
         for i in range(self.num_pieces):
             self.origin.have.add(i)
@@ -1442,7 +1451,7 @@ class Simulator:
     def _dial_more(self, node: _Node, now: float, announced: bool = False) -> None:
         if not node.alive or not node.swarming or node.done_at is not None:
             return
-        need = self.cfg.max_peers - len(node.downloads)
+        need = node.peer_limit - len(node.downloads)
         if need <= 0:
             return
         retry = math.inf
@@ -1508,7 +1517,9 @@ class Simulator:
                 node.addresses.append(index)
 
     def _size_slots(self, node: _Node, peers: int, now: float) -> None:
-        """The agent's PeerServer.note_swarm_size: upload slots for a swarm of ``peers``."""
+        """The agent's PeerServer.note_swarm_size and Swarm.note_swarm_size: upload slots and
+        download peers for a swarm of ``peers`` (a --max-peers what-if fixes the latter)."""
+        node.peer_limit = self.cfg.max_peers or download_peers(peers)
         limit = upload_slots(peers)
         if limit != node.slot_limit:
             node.slots += limit - node.slot_limit
@@ -1700,7 +1711,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--node-upload", metavar="RATE", help="per-node upload (default --node-bandwidth)")
     add("--node-download", metavar="RATE", help="per-node download (default --node-bandwidth)")
     add("--origin-bandwidth", metavar="RATE", required=True, help="origin upload, e.g. 100MiB")
-    add("--piece-length", metavar="SIZE", default="4MiB", help="piece size (4MiB)")
+    add(
+        "--piece-length",
+        metavar="SIZE",
+        default="auto",
+        help="piece size (default auto: by the blob's size, as the agent)",
+    )
     add("--zones", metavar="K", default="1", help="zones, nodes spread round-robin (1)")
     add(
         "--inter-zone-bandwidth",
@@ -1730,8 +1746,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--max-peers",
         metavar="N",
-        default=str(MAX_PEERS),
-        help=f"what-if: download connections per node (the agent's: {MAX_PEERS})",
+        default="0",
+        help="what-if: download connections per node (default 0: by the swarm's size, as the "
+        "agent: 8 in a swarm of at most 17, else 32)",
     )
     add(
         "--replace-idle",
@@ -1780,7 +1797,9 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         node_upload=float(parse_size(upload, "--node-upload")),
         node_download=float(parse_size(download, "--node-download")),
         origin_upload=float(parse_size(args.origin_bandwidth, "--origin-bandwidth")),
-        piece_length=parse_size(args.piece_length, "--piece-length"),
+        piece_length=0
+        if args.piece_length == "auto"
+        else parse_size(args.piece_length, "--piece-length"),
         zones=_int(args.zones, "--zones"),
         inter_zone=(
             float(parse_size(args.inter_zone_bandwidth, "--inter-zone-bandwidth"))

@@ -21,6 +21,7 @@ from p2preg.cli import main
 from p2preg.config import AgentConfig, TrackerConfig
 from p2preg.handout import HANDOUT_SAMPLE, PeerRecord, Requester, choose_peers
 from p2preg.piece_picker import PiecePicker
+from p2preg.swarm_limits import download_peers
 from simulations import simulator as sim
 from simulations.sim_bounds import kumar_ross_bound, zone_bound
 from simulations.sim_fast import FastShuffleRandom, PieceSet, install_piece_sets
@@ -254,7 +255,8 @@ def test_a_handout_without_load_spreading_makes_the_rollout_slower() -> None:
     real = simulate(SimConfig(**config))  # type: ignore[arg-type]
     worse = simulate(SimConfig(**config), handout=oldest_first)  # type: ignore[arg-type]
     assert worse.handout.endswith("oldest_first")
-    assert worse.percentile(50) > 1.5 * real.percentile(50)
+    # (1.39x with 32 download peers per node; it was 1.5x and more with 8)
+    assert worse.percentile(50) > 1.25 * real.percentile(50)
 
 
 def test_taking_over_queued_requests_makes_the_tight_case_faster(
@@ -441,7 +443,8 @@ def test_fast_shuffle_is_a_permutation() -> None:
 def test_constants_agree_with_the_agent_and_the_tracker() -> None:
     from agent import peer_server, swarm, swarm_coordinator
 
-    assert sim.MAX_PEERS == swarm.MAX_PEERS
+    # One policy for both (p2preg.swarm_limits), imported, not copied.
+    assert vars(sim)["download_peers"] is vars(swarm)["download_peers"] is download_peers
     assert sim.MAX_IN_FLIGHT == swarm.MAX_IN_FLIGHT
     assert sim.MAX_IN_FLIGHT_BYTES == swarm.MAX_IN_FLIGHT_BYTES
     assert sim.MAX_CONNECTIONS == peer_server.MAX_CONNECTIONS
@@ -538,9 +541,9 @@ def test_origin_egress_is_a_cumulative_series() -> None:
     result = _run(nodes=20, fail_nodes=((0, 1.0),))
     egress = result.origin_egress
     assert egress[0] == (0.0, 0) and egress[-1] == (result.end_s, result.origin_bytes)
-    # A point per piece the origin served (4 MiB each), then the total at the end.
+    # A point per piece the origin served, then the total at the end.
     steps = [b[1] - a[1] for a, b in itertools.pairwise(egress[:-1])]
-    assert steps and all(step == 4 * MiB for step in steps)
+    assert steps and all(step == result.config.piece_length for step in steps)
     assert all(a[0] <= b[0] for a, b in itertools.pairwise(egress))
     # The origin sends at most its upload rate: 20 MiB/s here.
     assert all(b[1] <= 20 * MiB * b[0] * 1.0001 for b in egress[1:])
@@ -548,17 +551,15 @@ def test_origin_egress_is_a_cumulative_series() -> None:
 
 
 def test_what_ifs_default_to_the_agent_and_change_the_rollout() -> None:
-    from agent import swarm
-
     fields = SimConfig.__dataclass_fields__
-    assert fields["max_peers"].default == swarm.MAX_PEERS
+    assert fields["max_peers"].default == 0  # by the swarm's size, as the agent
     assert fields["replace_idle"].default == 0.0  # the agent never replaces a peer
     config = {"nodes": 80, "blob_size": 64 * MiB, "node_upload": 10 * MiB, "seed": 5}
     plain = _run(**config)
     assert plain.stats["replaced"] == 0
     replaced = _run(**config, replace_idle=1.0)
     assert replaced.stats["replaced"] > 0 and replaced.incomplete == 0
-    wider = _run(**config, max_peers=16)
+    wider = _run(**config, max_peers=48)
     assert wider.incomplete == 0
-    assert wider.summary()["model"]["max_peers"] == 16
+    assert wider.summary()["model"]["max_peers"] == 48
     assert wider.completion_s != plain.completion_s

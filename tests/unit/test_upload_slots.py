@@ -7,7 +7,7 @@ import trio.testing
 
 from agent.peer_server import UploadSlots
 from p2preg.digest import Digest
-from p2preg.upload_policy import (
+from p2preg.swarm_limits import (
     SMALL_SWARM_PEERS,
     SMALL_SWARM_UPLOAD_SLOTS,
     UPLOAD_SLOTS,
@@ -82,7 +82,7 @@ async def test_a_cancelled_waiter_gives_up_its_place_without_leaking_a_slot() ->
             pass
 
 
-# -- sized by the swarm (p2preg.upload_policy) ---------------------------------------------------
+# -- sized by the swarm (p2preg.swarm_limits) ---------------------------------------------------
 
 
 def test_policy_small_swarms_send_more_at_once() -> None:
