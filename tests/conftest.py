@@ -22,7 +22,7 @@ from tests.support.origin import OriginRegistry
 
 KiB = 1024
 MiB = 1024 * KiB
-# At least three layers, one of them many pieces long (84 of 256 KiB: piece_length_for).
+# At least three layers, one of them many pieces long (21 of 1 MiB: piece_length_for).
 IMAGE_LAYER_SIZES = (3 * MiB + 123, 40 * KiB, 21 * MiB + 7)
 
 

@@ -42,7 +42,7 @@ pytestmark = [pytest.mark.real_client, pytest.mark.timeout(180)]
 
 KiB = 1024
 MiB = 1024 * KiB
-# Per platform; the 5 MiB layer spans 21 pieces of 256 KiB (piece_length_for).
+# Per platform; the 5 MiB layer spans 6 pieces of 1 MiB (piece_length_for).
 MULTIARCH_LAYER_SIZES = (1 * MiB + 5, 40 * KiB, 5 * MiB + 1)
 _REF_NAME = "org.opencontainers.image.ref.name"
 

@@ -16,16 +16,14 @@ from p2preg.metainfo import (
     piece_length_for,
 )
 
-KiB, MiB, GiB = 1024, 1024**2, 1024**3
+MiB, GiB = 1024**2, 1024**3
 
 
 def test_the_documented_sizes() -> None:
-    assert piece_length_for(0) == piece_length_for(1) == 256 * KiB
-    assert piece_length_for(100 * MiB) == 256 * KiB  # 400 pieces
-    assert piece_length_for(128 * MiB) == 256 * KiB  # 512
-    assert piece_length_for(128 * MiB + 1) == 512 * KiB
-    assert piece_length_for(200 * MiB) == 512 * KiB
-    assert piece_length_for(500 * MiB) == MiB
+    assert piece_length_for(0) == piece_length_for(1) == MiB
+    assert piece_length_for(100 * MiB) == MiB  # 100 pieces
+    assert piece_length_for(512 * MiB) == MiB  # 512
+    assert piece_length_for(512 * MiB + 1) == 2 * MiB
     assert piece_length_for(GiB) == 2 * MiB
     assert piece_length_for(2 * GiB) == 4 * MiB
     assert piece_length_for(100 * GiB) == 16 * MiB  # capped: 6,400 pieces
