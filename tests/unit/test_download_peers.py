@@ -3,24 +3,20 @@ agent/swarm.py). Shared with the simulator (tests/unit/test_simulator.py checks 
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agent.assembly import BlobAssembly
-from agent.content_store import ContentStore
 from agent.swarm import Swarm
-from p2preg.digest import Digest
-from p2preg.metainfo import MetaInfo, piece_hash
 from p2preg.swarm_limits import (
     DOWNLOAD_PEERS,
     SMALL_SWARM_DOWNLOAD_PEERS,
     SMALL_SWARM_PEERS,
     download_peers,
 )
+from tests.support.swarm_alone import swarm_alone
 
 PIECE = 256 * 1024
 
@@ -44,17 +40,8 @@ class CountingNursery:
 
 @pytest.fixture
 async def swarm(tmp_path: Path) -> AsyncIterator[Swarm]:
-    data = os.urandom(4 * PIECE)
-    digest = Digest.of_bytes(data)
-    metainfo = MetaInfo.empty(digest, len(data), PIECE).with_hashes(
-        (i, piece_hash(data[i * PIECE : (i + 1) * PIECE])) for i in range(4)
-    )
-    store = ContentStore.open(tmp_path / "store", 64 * PIECE)
-    assembly = BlobAssembly(store.new_partial(digest), metainfo, lambda: None)
-    try:
-        yield Swarm(digest, assembly, identity=None, banned=set())  # type: ignore[arg-type]
-    finally:
-        await assembly.abort()
+    async with swarm_alone(tmp_path, 4, PIECE) as (made, _):
+        yield made
 
 
 async def test_the_swarm_dials_as_many_peers_as_the_tracker_s_answer_allows(swarm: Swarm) -> None:

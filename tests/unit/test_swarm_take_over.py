@@ -9,7 +9,6 @@ record what the swarm sends.
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,14 +18,11 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.assembly import BlobAssembly
-from agent.content_store import ContentStore
 from agent.swarm import Swarm, _Peer
-from p2preg.digest import Digest
 from p2preg.errors import RemoteProtocolError
-from p2preg.metainfo import MetaInfo, piece_hash
 from p2preg.piece_picker import queued_to_take_over
 from p2preg.wire import Cancel, Piece, Request
+from tests.support.swarm_alone import swarm_alone
 
 PIECE = 1024 * 1024  # 1 MiB pieces: 8 requests in flight per peer (8 MiB)
 
@@ -54,17 +50,8 @@ class RecordingLink:
 
 @pytest.fixture
 async def swarm(tmp_path: Path) -> AsyncIterator[tuple[Swarm, bytes]]:
-    data = os.urandom(6 * PIECE)
-    digest = Digest.of_bytes(data)
-    metainfo = MetaInfo.empty(digest, len(data), PIECE).with_hashes(
-        (i, piece_hash(data[i * PIECE : (i + 1) * PIECE])) for i in range(6)
-    )
-    store = ContentStore.open(tmp_path / "store", 64 * PIECE)
-    assembly = BlobAssembly(store.new_partial(digest), metainfo, lambda: None)
-    try:
-        yield Swarm(digest, assembly, identity=None, banned=set()), data  # type: ignore[arg-type]
-    finally:
-        await assembly.abort()
+    async with swarm_alone(tmp_path, 6, PIECE) as made:
+        yield made
 
 
 def _join(swarm: Swarm, name: str, held: set[int]) -> tuple[_Peer, RecordingLink]:
