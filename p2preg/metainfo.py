@@ -23,7 +23,6 @@ from p2preg.errors import RegistryError, RemoteProtocolError
 PIECE_HASH_BYTES = 16
 MIN_PIECE_LENGTH = 64 * 1024
 MAX_PIECE_LENGTH = 64 * 1024 * 1024
-DEFAULT_PIECE_LENGTH = 4 * 1024 * 1024  # the piece length of a 1-2 GiB blob (piece_length_for)
 # A blob is cut into at most this many pieces, each a power of two within these bounds
 # (piece_length_for; the reasons and the measurements are in docs/performance.md, piece size).
 TARGET_PIECES = 512

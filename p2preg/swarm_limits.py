@@ -9,7 +9,8 @@ once it is whole); more sends at once keep the uplink busy when some receivers c
 share. Which matters more depends on how many hops a piece travels: on the size of the swarm.
 
 Chosen with the simulator (tight case u = d = u_origin, 200 MiB at 20 MiB/s, mean max / bound of
-10 seeds, with queued requests taken over by idle peers) and checked with the emulator:
+10 seeds, with queued requests taken over by idle peers; then 4 MiB pieces and 8 download peers
+everywhere) and checked with the emulator:
 
     nodes           4     8     12    16    32    64    1,000 (1 GiB @ 100 MiB/s, seed 1)
     3 slots         1.14  1.48  1.57  1.60  1.75  2.01  2.42
