@@ -19,11 +19,7 @@ everywhere) and checked with the emulator:
 Emulated, 8 nodes x 500 MiB at 20 MiB/s (netns + tbf, bound 25 s), two runs each: 3 slots 34.64
 and 33.92 s, 8 slots 31.97 and 31.92 s. (Before idle peers took over queued requests, 3 slots
 were the best fixed choice at every size: 8 nodes 1.60 x with 3, 1.75 x with 2, 1.43 x with no
-limit, but 16 nodes 2.05 x with 3 and 2.16 x with no limit.) With 32 download peers and pieces
-by size, 4 slots beat 3 in large swarms (mean of 5 seeds, max / bound, 200 MiB at 20 MiB/s:
-32 nodes 1.92 -> 1.85, 64 nodes 1.99 -> 1.97; 200 nodes x 500 MiB at 50 MiB/s, 3 seeds, p99
-1.87 -> 1.74; 1,000 nodes x 1 GiB, p99 of seeds 1-3: 1.68 / 1.72 / 1.82 -> 1.61 / 1.64 / 1.61),
-while 5 slots left a longer tail (1,000 nodes, seed 1: p99 1.92).
+limit, but 16 nodes 2.05 x with 3 and 2.16 x with no limit.)
 
 Download peers. A blob is fetched from at most this many peers at once (agent/swarm.py). With
 8, a large fleet's peers form a sparse graph: in the simulator (1,000 nodes x 1 GiB @ 100 MiB/s,
@@ -37,7 +33,7 @@ swarm more peers only crowd the uploaders (16 nodes x 100 MiB @ 10 MiB/s, 5 seed
 
 from __future__ import annotations
 
-UPLOAD_SLOTS = 4  # a large swarm, or one whose size is not known yet
+UPLOAD_SLOTS = 3  # a large swarm, or one whose size is not known yet
 SMALL_SWARM_UPLOAD_SLOTS = 8
 SMALL_SWARM_PEERS = 16  # up to this many other peers (the crossover above is between 16 and 32)
 DOWNLOAD_PEERS = 32  # a large swarm, or one whose size is not known yet
