@@ -370,7 +370,10 @@ class SwarmCoordinator:
         return result
 
     def _others(self, result: AnnounceResult) -> int:
-        """How many other peers the tracker listed: the swarm's size as far as limits go."""
+        """How many other peers the blob's swarm has, by the tracker's count (an older tracker
+        that does not count: the peers it listed)."""
+        if result.swarm is not None:
+            return max(0, result.swarm - 1)  # (the count includes us: we just announced)
         return sum(1 for p in result.peers if p.peer_id != self._identity.peer_id)
 
     # -- after a download and at startup -------------------------------------------------------

@@ -26,9 +26,19 @@ Download peers. A blob is fetched from at most this many peers at once (agent/sw
 seed 1) most nodes had nothing to ask their 8 peers for during the first 5 s (each new piece
 crosses the fleet in ~log_8(N) store-and-forward hops) and later a third of the uplinks idled
 while other nodes' requests queued at busy peers; p99 2.51 x the bound. More peers shorten both:
-16 -> 2.02 x, 24 -> 1.82 x, 32 -> 1.79 x, 64 -> 1.87 x (with 4 slots: 32 -> 1.71 x). In a small
-swarm more peers only crowd the uploaders (16 nodes x 100 MiB @ 10 MiB/s, 5 seeds, mean max:
-8 peers 1.99 x, all 15 2.09 x), so a small swarm keeps 8.
+16 -> 2.02 x, 24 -> 1.82 x, 32 -> 1.79 x, 64 -> 1.87 x (with 4 slots: 32 -> 1.71 x). In smaller
+swarms more peers crowd the uploaders instead: p50 / p99 / max x bound, 8 peers against 32 (the rule
+of 50932d3: 32 once the tracker listed more than 16; mean
+of 5 seeds at 32 and 64 nodes x 200 MiB @ 20 MiB/s, 3 at 200 x 500 MiB @ 50 MiB/s, seed 1 at
+300 and 500 x 1 GiB @ 100 MiB/s):
+
+    nodes      32              64              200             300             500
+    8 peers    1.40/1.90/1.90  1.46/1.89/1.89  1.48/1.69/1.94  1.51/1.71/1.93  1.65/1.85/1.86
+    32 peers   1.86/1.92/1.92  1.91/1.99/1.99  1.79/1.87/1.88  1.63/1.78/1.81  1.66/1.75/1.82
+
+so a swarm of at most 400 other peers keeps 8. The size is the tracker's count of the blob's
+live peers, sent with every announce answer: the handout lists at most 50 of them, which cannot
+tell 64 nodes from 10,000.
 """
 
 from __future__ import annotations
@@ -36,8 +46,9 @@ from __future__ import annotations
 UPLOAD_SLOTS = 3  # a large swarm, or one whose size is not known yet
 SMALL_SWARM_UPLOAD_SLOTS = 8
 SMALL_SWARM_PEERS = 16  # up to this many other peers (the crossover above is between 16 and 32)
-DOWNLOAD_PEERS = 32  # a large swarm, or one whose size is not known yet
+DOWNLOAD_PEERS = 32  # a swarm of more than LARGE_SWARM_PEERS others, or of unknown size
 SMALL_SWARM_DOWNLOAD_PEERS = 8
+LARGE_SWARM_PEERS = 400  # (the crossover below is between 300 and 500 nodes)
 
 
 def upload_slots(swarm_peers: int | None) -> int:
@@ -49,6 +60,6 @@ def upload_slots(swarm_peers: int | None) -> int:
 
 def download_peers(swarm_peers: int | None) -> int:
     """Peers to download a blob from at once, for a swarm with ``swarm_peers`` other peers."""
-    if swarm_peers is not None and swarm_peers <= SMALL_SWARM_PEERS:
+    if swarm_peers is not None and swarm_peers <= LARGE_SWARM_PEERS:
         return SMALL_SWARM_DOWNLOAD_PEERS
     return DOWNLOAD_PEERS

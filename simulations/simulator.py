@@ -1497,8 +1497,8 @@ class Simulator:
     def _announce(self, node: _Node, now: float, *, handout: bool) -> None:
         record = self._record(node, now)
         if not handout:
-            # What the tracker would hand out (the agent sizes its slots on every answer).
-            self._size_slots(node, min(HANDOUT_LIMIT, len(self.tiers) - 1), now)
+            # What the tracker would answer (the agent sizes its limits on every answer).
+            self._size_slots(node, len(self.tiers) - 1, now)
             return
         node.next_handout = now + ANNOUNCE_INTERVAL
         candidates = self.tiers.candidates(
@@ -1508,7 +1508,7 @@ class Simulator:
         chosen = self.handout(candidates, record, HANDOUT_LIMIT, self.policy_rng, load)
         self.load.record([r.peer_id for r in chosen], now)
         self.stats["handouts"] += 1
-        self._size_slots(node, sum(1 for r in chosen if r.peer_id != node.peer_id), now)
+        self._size_slots(node, len(self.tiers) - 1, now)  # the answer's swarm count, less itself
         known = node.addr_index
         for r in chosen:
             index = int.from_bytes(r.peer_id, "big")
@@ -1518,7 +1518,8 @@ class Simulator:
 
     def _size_slots(self, node: _Node, peers: int, now: float) -> None:
         """The agent's PeerServer.note_swarm_size and Swarm.note_swarm_size: upload slots and
-        download peers for a swarm of ``peers`` (a --max-peers what-if fixes the latter)."""
+        download peers for a swarm of ``peers`` others, as the tracker's answer counts them
+        (a --max-peers what-if fixes the download peers)."""
         node.peer_limit = self.cfg.max_peers or download_peers(peers)
         limit = upload_slots(peers)
         if limit != node.slot_limit:
@@ -1530,7 +1531,7 @@ class Simulator:
     def _sweep(self, now: float) -> None:
         """Every announce interval: downloading nodes announce their progress; the tracker
         forgets peers that stopped announcing PEER_TTL ago; a stalled node may take the lease."""
-        handed_out = min(HANDOUT_LIMIT, len(self.tiers) - 1)  # an announce's answer, roughly
+        others = len(self.tiers) - 1  # an announce's swarm count, less the announcer
         for node in self.nodes:
             if not node.started:
                 continue
@@ -1539,7 +1540,7 @@ class Simulator:
                 if node.done_at is None and record is not None and record.pieces != len(node.have):
                     self._record(node, now)
                 if node.done_at is None:
-                    self._size_slots(node, handed_out, now)
+                    self._size_slots(node, others, now)
             elif record is not None and node.died_at is not None and now - node.died_at >= PEER_TTL:
                 self.tiers.remove(node.peer_id)
                 node.record = None
@@ -1748,7 +1749,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         default="0",
         help="what-if: download connections per node (default 0: by the swarm's size, as the "
-        "agent: 8 in a swarm of at most 17, else 32)",
+        "agent: 8 in a swarm of at most 401, else 32)",
     )
     add(
         "--replace-idle",

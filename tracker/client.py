@@ -72,6 +72,9 @@ class AnnounceResult:
     peers: list[PeerRecord]
     interval: float
     tracker: str
+    # Live peers of the blob, the requester included, as the tracker counts them (None: an
+    # older tracker that does not say; ``peers`` is then the best estimate).
+    swarm: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,7 +245,13 @@ class TrackerClient:
             _need(isinstance(interval, (int, float)) and interval > 0, "bad interval")
             now = trio.current_time()
             peers = [_parse_peer(entry, now) for entry in raw_peers]
-            return AnnounceResult(peers, min(float(interval), 3600.0), url)
+            swarm = payload.get("swarm")
+            _need(
+                swarm is None
+                or (isinstance(swarm, int) and not isinstance(swarm, bool) and swarm >= 0),
+                "bad swarm size",
+            )
+            return AnnounceResult(peers, min(float(interval), 3600.0), url, swarm)
 
         return await self._call("POST", "/v1/announce", str(digest), body, parse)
 

@@ -116,6 +116,11 @@ class PeerStore(abc.ABC):
         with ``StoreLimits.handout_sample``."""
 
     @abc.abstractmethod
+    async def swarm_size(self, digest: Digest, now: float) -> int:
+        """How many live peers announced the blob: the size the agents' limits follow
+        (p2preg.swarm_limits), which a handout of at most ``max_peers`` cannot tell."""
+
+    @abc.abstractmethod
     async def get_metainfo(self, digest: Digest) -> MetaInfo | None: ...
 
     @abc.abstractmethod
@@ -273,6 +278,13 @@ class MemoryPeerStore(PeerStore):
             return []
         self._drop_stale_peers(blob, now)
         return blob.tiers.candidates(requester, limit, rng, self.limits.handout_sample)
+
+    async def swarm_size(self, digest: Digest, now: float) -> int:
+        blob = self._blobs.get(digest)
+        if blob is None:
+            return 0
+        self._drop_stale_peers(blob, now)
+        return len(blob.peers)
 
     # -- metainfo --------------------------------------------------------------------------------
 

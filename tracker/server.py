@@ -5,7 +5,7 @@ Endpoints (docs/tracker.md has the fields):
     GET  /healthz                      no auth
     POST /v1/auth/challenge            no auth: {peer_id} -> {nonce_t}
     POST /v1/auth/session              no auth: {peer_id, nonce_t, nonce_c, mac_c} -> {token, ...}
-    POST /v1/announce                  -> {peers: [...], interval}
+    POST /v1/announce                  -> {peers: [...], interval, swarm}
     GET  /v1/metainfo/<digest>         -> MetaInfo wire form, or 404
     PUT  /v1/metainfo/<digest>         MetaInfo wire form -> merged MetaInfo (409 on conflict)
     POST /v1/lease                     {digest, peer_id, start?, end?} -> {granted, holder, ...}
@@ -311,9 +311,16 @@ class TrackerAPI:
         load = await self.store.handout_load([c.peer_id for c in candidates], now)
         chosen = choose_peers(candidates, record, self.config.max_peers, self._rng, load)
         await self.store.record_handout([c.peer_id for c in chosen], now)
+        swarm = await self.store.swarm_size(digest, now)
         return msgpack_response(
             200,
-            {"peers": [_peer_wire(c) for c in chosen], "interval": self.config.announce_interval},
+            {
+                "peers": [_peer_wire(c) for c in chosen],
+                "interval": self.config.announce_interval,
+                # every live peer of the blob, the requester included (a handout lists at
+                # most max_peers of them; the agents size their limits by this)
+                "swarm": swarm,
+            },
         )
 
     # -- metainfo --------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ pytestmark = pytest.mark.timeout(60)
 
 SECRET = b"cluster-secret-0123456789abcdef"
 BLOB = Digest.of_bytes(b"layer")
+OTHER_BLOB = Digest.of_bytes(b"other layer")
 H1, H2 = b"\x01" * 16, b"\x02" * 16
 MSGPACK = {"Content-Type": "application/msgpack"}
 
@@ -136,6 +137,7 @@ async def test_announce_returns_other_peers_not_self(start_tracker, clients) -> 
     a, b, c = clients(tracker.url), clients(tracker.url), clients(tracker.url)
     first = await a.announce(BLOB, addr="10.0.0.1:7000", zone="z1", complete=True, pieces=8)
     assert first.peers == [] and first.interval == 10.0 and first.tracker == tracker.url
+    assert first.swarm == 1  # the announcer itself
     await b.announce(BLOB, addr="10.0.0.2:7000", zone="z1", complete=False, pieces=2)
     seen = await c.announce(BLOB, addr=":7000", zone="z2", complete=False, pieces=0)
     assert [(p.peer_id, p.addr, p.complete) for p in seen.peers] == [
@@ -145,6 +147,7 @@ async def test_announce_returns_other_peers_not_self(start_tracker, clients) -> 
     again = await a.announce(BLOB, addr="10.0.0.1:7000", zone="z1", complete=True, pieces=8)
     ids = {p.peer_id for p in again.peers}
     assert ids == {b.peer_id, c.peer_id}
+    assert seen.swarm == again.swarm == 3
     # An empty host is filled in with the address the tracker sees.
     assert {p.addr for p in again.peers if p.peer_id == c.peer_id} == {"127.0.0.1:7000"}
 
@@ -220,6 +223,18 @@ async def test_client_reauthenticates_after_a_tracker_restart(start_tracker, cli
     result = await client.announce(BLOB, addr="10.0.0.1:7000", complete=True, pieces=1)
     assert result.tracker == restarted.url
     assert client._tokens[tracker.url][0] != old_token
+
+
+async def test_the_swarm_count_goes_beyond_the_handout_limit(start_tracker, clients) -> None:
+    """Agents size their limits by the whole swarm (p2preg.swarm_limits); a handout lists at
+    most max_peers of it."""
+    tracker = await start_tracker(max_peers=2)
+    peers = [clients(tracker.url) for _ in range(5)]
+    for i, client in enumerate(peers):
+        answer = await client.announce(BLOB, addr=f"10.0.0.{i + 1}:7000", complete=False, pieces=0)
+    assert len(answer.peers) == 2 and answer.swarm == 5
+    other = await peers[0].announce(OTHER_BLOB, addr="10.0.0.1:7000", complete=False, pieces=0)
+    assert other.swarm == 1  # counted per blob
 
 
 async def test_client_refuses_a_tracker_that_does_not_know_the_secret(

@@ -49,6 +49,18 @@ async def test_announce_upserts_and_ttl_expires() -> None:
     assert (await s.stats())["peers"] == 0
 
 
+async def test_swarm_size_counts_the_live_peers_of_one_blob() -> None:
+    s = store(peer_ttl=30.0)
+    assert await s.swarm_size(BLOB, 0.0) == 0
+    await s.announce(BLOB, peer(A, 0.0), 0.0)
+    await s.announce(BLOB, peer(B, 10.0), 10.0)
+    await s.announce(BLOB, peer(A, 20.0), 20.0)  # a re-announce is the same peer
+    await s.announce(OTHER, peer(C, 20.0), 20.0)
+    assert await s.swarm_size(BLOB, 25.0) == 2
+    assert await s.swarm_size(BLOB, 45.0) == 1  # B last seen at 10
+    assert await s.swarm_size(OTHER, 45.0) == 1
+
+
 async def test_peers_per_digest_bounded_oldest_evicted() -> None:
     s = store(max_peers_per_digest=3)
     for n in range(1, 6):
