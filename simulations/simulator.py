@@ -1520,7 +1520,10 @@ class Simulator:
         """The agent's PeerServer.note_swarm_size and Swarm.note_swarm_size: upload slots and
         download peers for a swarm of ``peers`` others, as the tracker's answer counts them
         (a --max-peers what-if fixes the download peers)."""
-        node.peer_limit = self.cfg.max_peers or download_peers(peers)
+        limit = self.cfg.max_peers or download_peers(peers)
+        if limit > node.peer_limit and len(node.downloads) < limit:
+            self.dial[node] = None  # room for more peers: dial now (Swarm.note_swarm_size wakes it)
+        node.peer_limit = limit
         limit = upload_slots(peers)
         if limit != node.slot_limit:
             node.slots += limit - node.slot_limit

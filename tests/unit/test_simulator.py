@@ -563,3 +563,12 @@ def test_what_ifs_default_to_the_agent_and_change_the_rollout() -> None:
     assert wider.incomplete == 0
     assert wider.summary()["model"]["max_peers"] == 48
     assert wider.completion_s != plain.completion_s
+
+
+def test_nodes_dial_more_peers_once_the_tracker_counts_a_large_swarm() -> None:
+    """As the agent's Swarm.note_swarm_size: a node that started with 8 peers (the first
+    announces saw a small swarm) dials up to 32 once an answer counts more than 400 others."""
+    result = _run(nodes=402, blob_size=64 * MiB, max_time=30.0)
+    assert result.incomplete == 0
+    # 8 dials per node would be all there is without the wake-up (and before the threshold).
+    assert result.stats["dials"] > 20 * 402
