@@ -27,10 +27,10 @@ seed 1) most nodes had nothing to ask their 8 peers for during the first 5 s (ea
 crosses the fleet in ~log_8(N) store-and-forward hops) and later a third of the uplinks idled
 while other nodes' requests queued at busy peers; p99 2.51 x the bound. More peers shorten both:
 16 -> 2.02 x, 24 -> 1.82 x, 32 -> 1.79 x, 64 -> 1.87 x (with 4 slots: 32 -> 1.71 x). In smaller
-swarms more peers crowd the uploaders instead: p50 / p99 / max x bound, 8 peers against 32 (the rule
-of 50932d3: 32 once the tracker listed more than 16; mean
-of 5 seeds at 32 and 64 nodes x 200 MiB @ 20 MiB/s, 3 at 200 x 500 MiB @ 50 MiB/s, seed 1 at
-300 and 500 x 1 GiB @ 100 MiB/s):
+swarms more peers crowd the uploaders instead. p50 / p99 / max x bound, 8 peers against 32
+(the rule of 50932d3: 32 once the tracker listed more than 16), mean of 5 seeds at 32 and 64
+nodes x 200 MiB @ 20 MiB/s, of 3 at 200 x 500 MiB @ 50 MiB/s, seed 1 at 300 and 500 x 1 GiB
+@ 100 MiB/s:
 
     nodes      32              64              200             300             500
     8 peers    1.40/1.90/1.90  1.46/1.89/1.89  1.48/1.69/1.94  1.51/1.71/1.93  1.65/1.85/1.86
@@ -48,7 +48,7 @@ SMALL_SWARM_UPLOAD_SLOTS = 8
 SMALL_SWARM_PEERS = 16  # up to this many other peers (the crossover above is between 16 and 32)
 DOWNLOAD_PEERS = 32  # a swarm of more than LARGE_SWARM_PEERS others, or of unknown size
 SMALL_SWARM_DOWNLOAD_PEERS = 8
-LARGE_SWARM_PEERS = 400  # (the crossover below is between 300 and 500 nodes)
+LARGE_SWARM_PEERS = 400  # (in the table above the crossover is between 300 and 500 nodes)
 
 
 def upload_slots(swarm_peers: int | None) -> int:
