@@ -25,7 +25,6 @@ import trio
 
 from agent.assembly import BlobAssembly
 from agent.content_store import ContentStore, PartialBlob
-from agent.disk_pipeline import SequentialWriter
 from agent.origin_client import OriginClient, OriginRequest, body_of
 from p2preg.config import AgentConfig
 from p2preg.digest import Digest
@@ -234,25 +233,15 @@ class BlobDownloads:
                 # The stream broke: what arrived is good and paid for. Write it out, so the
                 # resume starts after it, not after what the disk thread had caught up with
                 # (a loaded machine lost 210 KB of a 7 MB prefix to an abort here).
-                await self._finish_writing(writer)
+                await writer.join()
                 raise
             except BaseException:
                 await writer.abort()
                 raise
-            await self._finish_writing(writer)
+            await writer.join()
             if writer.offset != download.size:
                 raise UpstreamUnavailable(f"origin sent {writer.offset} of {download.size} bytes")
             return writer.offset
-
-    @staticmethod
-    async def _finish_writing(writer: SequentialWriter) -> None:
-        """Write out every queued chunk; if that is interrupted, stop the thread before the
-        caller goes on (it may close the file the thread writes to)."""
-        try:
-            await writer.join()
-        except BaseException:
-            await writer.abort()
-            raise
 
     def _prepare(self, download: Download, response: httpx.Response) -> None:
         size = _total_size(response)

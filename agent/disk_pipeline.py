@@ -76,10 +76,16 @@ class _Worker:
             self._queue.put(_STOP)
 
     async def join(self) -> None:
-        """Stop after the queued work and wait; raise what the thread raised."""
+        """Stop after the queued work and wait; raise what the thread raised. Interrupted
+        while waiting (cancelled), it aborts instead: either way the thread is gone when this
+        returns, so the caller may close its file descriptors."""
         self._stop()
-        while self._running:
-            await self._changed.wait()
+        try:
+            while self._running:
+                await self._changed.wait()
+        except BaseException:
+            await self.abort()
+            raise
         if self._error is not None:
             raise self._error
 

@@ -1498,7 +1498,7 @@ class Simulator:
         record = self._record(node, now)
         if not handout:
             # What the tracker would answer (the agent sizes its limits on every answer).
-            self._size_slots(node, len(self.tiers) - 1, now)
+            self._size_for_swarm(node, len(self.tiers) - 1, now)
             return
         node.next_handout = now + ANNOUNCE_INTERVAL
         candidates = self.tiers.candidates(
@@ -1508,7 +1508,7 @@ class Simulator:
         chosen = self.handout(candidates, record, HANDOUT_LIMIT, self.policy_rng, load)
         self.load.record([r.peer_id for r in chosen], now)
         self.stats["handouts"] += 1
-        self._size_slots(node, len(self.tiers) - 1, now)  # the answer's swarm count, less itself
+        self._size_for_swarm(node, len(self.tiers) - 1, now)  # the swarm count, less itself
         known = node.addr_index
         for r in chosen:
             index = int.from_bytes(r.peer_id, "big")
@@ -1516,7 +1516,7 @@ class Simulator:
                 known.add(index)
                 node.addresses.append(index)
 
-    def _size_slots(self, node: _Node, peers: int, now: float) -> None:
+    def _size_for_swarm(self, node: _Node, peers: int, now: float) -> None:
         """The agent's PeerServer.note_swarm_size and Swarm.note_swarm_size: upload slots and
         download peers for a swarm of ``peers`` others, as the tracker's answer counts them
         (a --max-peers what-if fixes the download peers)."""
@@ -1543,7 +1543,7 @@ class Simulator:
                 if node.done_at is None and record is not None and record.pieces != len(node.have):
                     self._record(node, now)
                 if node.done_at is None:
-                    self._size_slots(node, others, now)
+                    self._size_for_swarm(node, others, now)
             elif record is not None and node.died_at is not None and now - node.died_at >= PEER_TTL:
                 self.tiers.remove(node.peer_id)
                 node.record = None
