@@ -26,6 +26,7 @@ from p2preg.errors import ConfigError, LocalProtocolError, RemoteProtocolError
 from p2preg.metainfo import MetaInfo, piece_count, piece_hash, piece_length_for
 from p2preg.swarm_limits import upload_slots
 from p2preg.token_bucket import RateLimiter
+from p2preg.upload_order import serve_neediest_first, upload_rank
 from p2preg.wire import (
     BitfieldMsg,
     Cancel,
@@ -37,6 +38,7 @@ from p2preg.wire import (
     Interest,
     KeepAlive,
     Meta,
+    Progress,
     Query,
     Reject,
     Request,
@@ -53,29 +55,35 @@ class UploadSlots:
 
     Store and forward: a piece is useful to its receiver (who passes it on) only once it is
     whole. Sending k pieces at once at 1/k of the uplink each delays every one of them k-fold;
-    sending a few at a time at full rate lets the first receivers forward sooner. The
-    next slot goes to the waiting request whose piece this agent has sent least often (a piece
-    nobody has from us yet spreads the swarm; another copy of one we already sent can also come
-    from the peer we sent it to), then to the one that waited longest.
+    sending a few at a time at full rate lets the first receivers forward sooner. The next slot
+    goes to the waiting request of lowest p2preg.upload_order rank (the piece this agent has
+    sent least often; in a swarm that is not large, then the requester holding fewest pieces),
+    then to the one that waited longest.
     """
 
     def __init__(self, slots: int) -> None:
         self._limit = slots
         self._free = slots  # below zero after a resize down, until enough sends end
-        self._waiting: list[tuple[int, tuple[Digest, int], trio.Event]] = []
+        # (arrival number, (digest, piece), pieces the requester holds now, granted)
+        self._waiting: list[tuple[int, tuple[Digest, int], Callable[[], int], trio.Event]] = []
         self._seq = 0
         self.sent: collections.Counter[tuple[Digest, int]] = collections.Counter()
+        self.neediest_first = serve_neediest_first(None)  # set with the swarm's size
 
     @contextlib.asynccontextmanager
-    async def slot(self, key: tuple[Digest, int]) -> AsyncIterator[None]:
+    async def slot(
+        self, key: tuple[Digest, int], requester_held: Callable[[], int] = lambda: 0
+    ) -> AsyncIterator[None]:
+        """Hold one of the slots while sending piece ``key`` to a peer; ``requester_held()``
+        is how many pieces of that blob it holds (its latest progress message)."""
         if self._free > 0 and not self._waiting:
             self._free -= 1
         else:
             self._seq += 1
-            entry = (self._seq, key, trio.Event())
+            entry = (self._seq, key, requester_held, trio.Event())
             self._waiting.append(entry)
             try:
-                await entry[2].wait()
+                await entry[3].wait()
             except BaseException:
                 if entry in self._waiting:
                     self._waiting.remove(entry)
@@ -106,9 +114,15 @@ class UploadSlots:
         self._grant()
 
     def _grant(self) -> None:
-        best = min(self._waiting, key=lambda entry: (self.sent[entry[1]], entry[0]))
+        def rank(
+            entry: tuple[int, tuple[Digest, int], Callable[[], int], trio.Event],
+        ) -> tuple[int, int, int]:
+            seq, key, requester_held, _ = entry
+            return (*upload_rank(self.sent[key], requester_held(), self.neediest_first), seq)
+
+        best = min(self._waiting, key=rank)
         self._waiting.remove(best)
-        best[2].set()  # the slot passes straight to it
+        best[3].set()  # the slot passes straight to it
 
 
 @dataclass(slots=True)
@@ -134,6 +148,11 @@ class _Subscriber:
     # piece the peer got elsewhere meanwhile is never sent (endgame duplicates cost nothing).
     requests: collections.deque[Request] = field(default_factory=collections.deque)
     request_ready: trio.Event = field(default_factory=trio.Event)
+    held: dict[Digest, int] = field(default_factory=dict)  # its last progress per blob
+
+    def held_of(self, digest: Digest) -> Callable[[], int]:
+        """How many pieces of ``digest`` it holds, as it last told us (0: not told)."""
+        return lambda: self.held.get(digest, 0)
 
 
 class PeerServer:
@@ -160,10 +179,13 @@ class PeerServer:
         self.pieces_served = 0
         self.bytes_served = 0
         self.refusals = 0  # super-seeding refusals
+        self.progress_reports = 0  # progress messages recorded (they order the upload slots)
 
     def note_swarm_size(self, peers: int) -> None:
-        """The tracker just handed out ``peers`` other peers of a blob: size the upload slots
-        for a swarm that large (p2preg.swarm_limits; the latest announce decides)."""
+        """The tracker just counted ``peers`` other peers of a blob: size the upload slots and
+        choose their order for a swarm that large (p2preg.swarm_limits, p2preg.upload_order;
+        the latest announce decides)."""
+        self._slots.neediest_first = serve_neediest_first(peers)
         slots = upload_slots(peers)
         if slots != self._slots.limit:
             log.info("upload slots: %d (a swarm of %d other peers)", slots, peers)
@@ -279,6 +301,10 @@ class PeerServer:
             elif isinstance(event, Cancel):
                 with contextlib.suppress(ValueError):
                     subscriber.requests.remove(Request(event.digest, event.index))
+            elif isinstance(event, Progress):
+                if subscriber in self._subscribers.get(event.digest, ()):
+                    subscriber.held[event.digest] = event.held  # (only blobs it is served)
+                    self.progress_reports += 1
             elif isinstance(event, Query):
                 held = tuple(d for d in event.digests if self._holds(d))
                 await link.send(Holdings(held))
@@ -378,7 +404,7 @@ class PeerServer:
                 subscriber.request_ready = trio.Event()
                 continue
             head = subscriber.requests[0]
-            async with self._slots.slot((head.digest, head.index)):
+            async with self._slots.slot((head.digest, head.index), subscriber.held_of(head.digest)):
                 # Taken only now: a Cancel that came while we waited for the slot still counts.
                 if subscriber.requests:
                     await self._request(subscriber.link, subscriber.requests.popleft())

@@ -41,6 +41,7 @@ from p2preg.wire import (
     Interest,
     Meta,
     Piece,
+    Progress,
     Reject,
     Request,
 )
@@ -68,6 +69,7 @@ class _Peer:
     # Requests we cancelled here to ask another peer (queued_to_take_over). The Cancel can
     # cross the piece on the wire, so one of these may still arrive: it is not a protocol error.
     cancelled: set[int] = field(default_factory=set)
+    progress_told: int = -1  # the pieces we held when we last told it (Progress)
 
 
 class Swarm:
@@ -297,7 +299,17 @@ class Swarm:
             for requested in peer.in_flight.values()
         )
 
+    async def _tell_progress(self, peer: _Peer) -> None:
+        """Tell ``peer`` how many pieces we hold if that changed: it serves the requesters
+        holding fewest first (p2preg.upload_order). Only peers we ask something of need it."""
+        held = len(self.assembly.pieces)
+        if held != peer.progress_told:
+            peer.progress_told = held
+            await peer.link.send(Progress(self.digest, held))
+
     async def _fill(self, peer: _Peer) -> None:
+        if peer.in_flight:  # (requests waiting there are ranked by it)
+            await self._tell_progress(peer)
         # Bound the bytes in flight per peer, not the count: deep queues of big pieces on one
         # busy seeder only add latency (and look like stalls).
         depth = max(1, min(MAX_IN_FLIGHT, MAX_IN_FLIGHT_BYTES // self.assembly.piece_length))
@@ -320,6 +332,8 @@ class Swarm:
             chosen = await self._take_over(peer, room, now)
         if chosen:
             log.debug("requested %s of %s from %s", chosen, self.digest, peer.link.address)
+        if chosen:
+            await self._tell_progress(peer)
         for index in chosen:
             await peer.link.send(Request(self.digest, index))
 

@@ -1,4 +1,4 @@
-"""The peer wire protocol, version 1: framing, messages, and the per-connection state machine.
+"""The peer wire protocol, version 2: framing, messages, and the per-connection state machine.
 
 Sans-IO in the manner of h11: this module never touches a socket, a clock or a random source.
 Bytes go in with :meth:`PeerConnection.receive_data` and come out as events from
@@ -44,7 +44,8 @@ from p2preg.digest import Digest
 from p2preg.errors import LocalProtocolError, RegistryError, RemoteProtocolError
 from p2preg.metainfo import MetaInfo
 
-PROTOCOL_VERSION: Final = 1
+# 2: the progress message (a downloader tells its peers how many pieces it holds).
+PROTOCOL_VERSION: Final = 2
 ID_LENGTH: Final = 16
 NONCE_LENGTH: Final = 32
 MAC_LENGTH: Final = 32
@@ -61,7 +62,7 @@ AUTH_CONTEXT: Final = b"p2preg/1 auth\0"
 
 _LENGTH: Final = struct.Struct(">I")
 _MAX_DIGEST_TEXT: Final = 256  # longer than any supported digest; checked before parsing
-_MAX_MAP_LEN: Final = 16  # no map in protocol version 1 has more keys than this
+_MAX_MAP_LEN: Final = 16  # no map in the protocol has more keys than this
 _MIN_MAX_HEADER: Final = 1024
 _METAINFO_KEYS: Final = frozenset({"d", "s", "p", "h"})
 
@@ -160,6 +161,15 @@ class Request:
 
 
 @dataclass(frozen=True, slots=True)
+class Progress:
+    """I hold ``held`` pieces of this blob (to a peer I request from: it serves the requesters
+    holding fewest first, p2preg.upload_order)."""
+
+    digest: Digest
+    held: int
+
+
+@dataclass(frozen=True, slots=True)
 class Piece:
     """A piece and its payload. On the wire the payload follows the frame as raw bytes."""
 
@@ -235,6 +245,7 @@ Message: TypeAlias = (
     | BitfieldMsg
     | Have
     | Request
+    | Progress
     | Piece
     | Cancel
     | Reject
@@ -255,6 +266,7 @@ _TYPE_NAMES: Final[Mapping[type, str]] = MappingProxyType(
         BitfieldMsg: "bitfield",
         Have: "have",
         Request: "request",
+        Progress: "progress",
         Piece: "piece",
         Cancel: "cancel",
         Reject: "reject",
@@ -267,7 +279,7 @@ _TYPE_NAMES: Final[Mapping[type, str]] = MappingProxyType(
     }
 )
 
-# The fields of every message type, besides "t". Version 1 is strict: an unknown field is an
+# The fields of every message type, besides "t". The protocol is strict: an unknown field is an
 # error, so a new field means a new protocol version.
 _SCHEMAS: Final[Mapping[str, frozenset[str]]] = MappingProxyType(
     {
@@ -277,6 +289,7 @@ _SCHEMAS: Final[Mapping[str, frozenset[str]]] = MappingProxyType(
         "bitfield": frozenset({"d", "n", "b"}),
         "have": frozenset({"d", "i"}),
         "request": frozenset({"d", "i"}),
+        "progress": frozenset({"d", "h"}),
         "piece": frozenset({"d", "i", "n"}),
         "cancel": frozenset({"d", "i"}),
         "reject": frozenset({"d", "i", "why"}),
@@ -702,6 +715,8 @@ def _to_wire(message: Message) -> dict[str, Any]:
             return {"d": str(message.digest), "n": message.num_pieces, "b": message.bits}
         case Have() | Request() | Cancel():
             return {"d": str(message.digest), "i": message.index}
+        case Progress():
+            return {"d": str(message.digest), "h": message.held}
         case Piece():
             return {"d": str(message.digest), "i": message.index, "n": len(message.data)}
         case Reject():
@@ -881,6 +896,7 @@ _DECODERS: Final[Mapping[str, Callable[[_Fields], Message | _PieceHeader]]] = Ma
         "bitfield": _decode_bitfield,
         "have": lambda f: Have(f.get_digest(), f.get_int("i", 0, MAX_INDEX)),
         "request": lambda f: Request(f.get_digest(), f.get_int("i", 0, MAX_INDEX)),
+        "progress": lambda f: Progress(f.get_digest(), f.get_int("h", 0, MAX_INDEX)),
         "piece": _decode_piece,
         "cancel": lambda f: Cancel(f.get_digest(), f.get_int("i", 0, MAX_INDEX)),
         "reject": lambda f: Reject(

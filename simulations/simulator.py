@@ -16,7 +16,8 @@ A discrete-event, flow-level model (docs/simulator.md has the whole story):
   swarm made no progress for the stall timeout takes the lease once it expires (holder dead or
   done) and streams the rest from the origin.
 * As the agent's peer server: a node sends at most ``upload_slots(swarm size)`` pieces at once
-  (p2preg.swarm_limits; the least-sent piece first, then the longest waiting request), and the
+  (p2preg.swarm_limits) in p2preg.upload_order (the least-sent piece first; in swarms that are
+  not large the requester holding fewest pieces next; then the longest waiting request), and the
   origin fetcher refuses a piece it already sent to a peer that is still connected
   (super-seeding); refused requesters back off. A peer a node asks nothing of takes over its
   requests queued behind another elsewhere (p2preg.piece_picker.queued_to_take_over).
@@ -64,6 +65,7 @@ from p2preg.metainfo import (
 from p2preg.piece_picker import PiecePicker, queued_to_take_over
 from p2preg.swarm_limits import DOWNLOAD_PEERS, download_peers, upload_slots
 from p2preg.units import format_size, parse_duration, parse_size
+from p2preg.upload_order import serve_neediest_first, upload_rank
 from simulations.sim_bounds import kumar_ross_bound, zone_bound
 from simulations.sim_fast import FastShuffleRandom, PieceSet, install_piece_sets
 
@@ -203,6 +205,7 @@ class _Node:
         "n_down",
         "n_up",
         "n_waiting",
+        "neediest_first",
         "next_handout",
         "origin_conn",
         "peer_id",
@@ -269,10 +272,11 @@ class _Node:
         # each piece was sent, and to whom each piece was last sent (super-seeding).
         self.slot_limit = upload_slots(None)  # resized at every announce, as the agent's
         self.slots = self.slot_limit  # free ones (below zero after a resize down)
+        self.neediest_first = serve_neediest_first(None)  # its order (p2preg.upload_order)
         self.sending: list[_Conn] = []  # active flows out (at most slot_limit)
         self.n_waiting = 0  # connections waiting for a slot (their token: _Conn.wait_*)
-        # (times its head piece was sent, arrival, tie-break, push number, conn) (_grant)
-        self.wait_heap: list[tuple[int, float, float, int, _Conn]] = []
+        # (upload_rank of its head request, arrival, tie-break, push number, conn) (_grant)
+        self.wait_heap: list[tuple[tuple[int, int], float, float, int, _Conn]] = []
         self.sent = bytearray(0)
         self.served: list[_Conn | None] = []  # per piece (allocated when the node starts)
 
@@ -906,7 +910,10 @@ class Simulator:
         c.wait_tie = tie
         src.n_waiting += 1
         self.pushes += 1
-        heappush(src.wait_heap, (src.sent[c.queue[0]], now, tie, self.pushes, c))
+        # (The requester's count as it is now: an agent tells the peers it waits at within a
+        # ticker period, 50 ms, agent/swarm.py _tell_progress.)
+        rank = upload_rank(src.sent[c.queue[0]], len(c.dst.have), src.neediest_first)
+        heappush(src.wait_heap, (rank, now, tie, self.pushes, c))
         if src.slots > 0:
             self.grant[src] = None
         if c.tdue == _INF:  # the requester drops the peer if a request takes too long
@@ -943,20 +950,24 @@ class Simulator:
             self.grant[src] = None
 
     def _grant(self, src: _Node, now: float) -> None:
-        """Free slots go to the waiting requests whose piece ``src`` has sent least often,
-        then to the ones that waited longest (agent/peer_server.py, UploadSlots)."""
+        """Free slots go to the waiting requests of lowest p2preg.upload_order rank (the
+        piece ``src`` has sent least often, then, in a swarm that is not large, the requester
+        holding fewest pieces), then to the ones that waited longest (agent/peer_server.py,
+        UploadSlots)."""
         sent = src.sent
         heap = src.wait_heap
         while src.slots > 0 and src.n_waiting and src.alive:
-            # A heap of (sent count of the head piece when pushed, arrival, random, push
-            # number, conn). Counts only grow, so an entry whose count is stale is re-pushed
-            # with the current one, and the first up-to-date entry is the agent's min().
+            # A heap of (rank of the head request when pushed, arrival, random, push number,
+            # conn). Ranks only grow (sent counts do), so an entry whose rank is stale is
+            # re-pushed with the current one, and the first up-to-date entry is the agent's
+            # min(). (A swarm growing past the size where the requester's count stops counting
+            # lowers ranks; that rare change may serve a few requests out of order.)
             # Entries of connections that stopped waiting (or waited again since) are dropped.
-            count, at, tie, _, best = heappop(heap)
+            rank, at, tie, _, best = heappop(heap)
             if not best.waiting or best.wait_tie != tie or best.wait_at != at:
                 continue
-            current = sent[best.queue[0]]
-            if current != count:
+            current = upload_rank(sent[best.queue[0]], len(best.dst.have), src.neediest_first)
+            if current != rank:
                 self.pushes += 1
                 heappush(heap, (current, at, tie, self.pushes, best))
                 continue
@@ -1195,7 +1206,8 @@ class Simulator:
                 elif c.waiting:  # a new head: its place among the waiters may be earlier
                     src = c.src
                     self.pushes += 1
-                    entry = (src.sent[c.queue[0]], c.wait_at, c.wait_tie, self.pushes, c)
+                    rank = upload_rank(src.sent[c.queue[0]], len(c.dst.have), src.neediest_first)
+                    entry = (rank, c.wait_at, c.wait_tie, self.pushes, c)
                     heappush(src.wait_heap, entry)
 
     def _fill(self, c: _Conn, now: float) -> None:
@@ -1524,6 +1536,7 @@ class Simulator:
         if limit > node.peer_limit and len(node.downloads) < limit:
             self.dial[node] = None  # room for more peers: dial now (Swarm.note_swarm_size wakes it)
         node.peer_limit = limit
+        node.neediest_first = serve_neediest_first(peers)
         limit = upload_slots(peers)
         if limit != node.slot_limit:
             node.slots += limit - node.slot_limit

@@ -96,6 +96,8 @@ async def test_eight_agents_pulling_at_the_same_instant_cost_the_origin_one_copy
     from_peers = sum(peer_server_of(agent).bytes_served for agent in agents)
     assert from_peers >= (len(agents) - 1) * blob_bytes * 0.9, from_peers
     assert proxy.count(f"/manifests/{image.manifest.digest}", "GET") <= 1
+    # Downloaders told the peers they requested from how far they were (p2preg.upload_order).
+    assert sum(peer_server_of(agent).progress_reports for agent in agents) > 0
 
 
 async def test_agent_serves_pieces_of_a_blob_it_is_still_downloading(

@@ -50,6 +50,7 @@ from p2preg.wire import (
     Meta,
     PeerConnection,
     Piece,
+    Progress,
     Query,
     Reject,
     Request,
@@ -175,6 +176,7 @@ data_messages: st.SearchStrategy[Message] = st.one_of(
     bitfield_msgs(),
     st.builds(Have, digests, indexes),
     st.builds(Request, digests, indexes),
+    st.builds(Progress, digests, indexes),
     st.builds(Piece, digests, indexes, st.binary(max_size=2048)),
     st.builds(Cancel, digests, indexes),
     st.builds(Reject, digests, st.integers(-1, MAX_INDEX), st.text(max_size=MAX_TEXT)),
@@ -298,7 +300,7 @@ def test_connecting_to_self_is_refused() -> None:
         feed(listener, dialer.initiate())
 
 
-@pytest.mark.parametrize("version", [0, 2, 1 << 40])
+@pytest.mark.parametrize("version", [0, 1, 3, 1 << 40])
 def test_version_mismatch_is_refused(version: int) -> None:
     _, listener = make_pair()
     hello = frame({"t": "hello", "v": version, "id": DIALER_ID, "nonce": NONCE_D, "new": 1})
@@ -461,6 +463,7 @@ def test_piece_header_is_bounded() -> None:
     [
         Have(SHA, -1),
         Request(SHA, MAX_INDEX + 1),
+        Progress(SHA, -1),
         Reject(SHA, -2, ""),
         Reject(SHA, 0, "x" * (MAX_TEXT + 1)),
         Error("c" * 65, ""),
@@ -554,6 +557,9 @@ BAD_FRAMES = [
     (frame({"t": "have", "d": GOOD_D, "i": 1 << 63}), "out of range"),
     (frame({"t": "have", "d": [GOOD_D], "i": 1}), r"have\.d must be a digest string"),
     (frame({"t": "have", "d": {"x": GOOD_D}, "i": 1}), r"have\.d must be a digest string"),
+    (frame({"t": "progress", "d": GOOD_D}), "progress is missing field"),
+    (frame({"t": "progress", "d": GOOD_D, "h": -1}), "out of range"),
+    (frame({"t": "progress", "d": GOOD_D, "h": "7"}), r"progress\.h must be an integer"),
     (frame({"t": "interest", "d": "sha256:../../etc/passwd"}), "not a valid digest"),
     (frame({"t": "interest", "d": "md5:" + "ab" * 16}), "not a valid digest"),
     (frame({"t": "interest", "d": "sha256:" + "AB" * 32}), "not a valid digest"),
@@ -704,6 +710,7 @@ EVENT_TYPES = (
     BitfieldMsg,
     Have,
     Request,
+    Progress,
     Piece,
     Cancel,
     Reject,
