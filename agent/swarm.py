@@ -31,6 +31,7 @@ from p2preg.errors import LocalProtocolError, RemoteProtocolError
 from p2preg.metainfo import MetaInfo
 from p2preg.piece_picker import PiecePicker, queued_to_take_over
 from p2preg.swarm_limits import download_peers
+from p2preg.upload_order import serve_neediest_first
 from p2preg.wire import (
     BitfieldMsg,
     Cancel,
@@ -53,6 +54,9 @@ MAX_IN_FLIGHT_BYTES = 8 * 1024 * 1024
 # A piece a peer refused is not asked of that peer again for this long.
 REFUSAL_BACKOFF = 0.5
 TICK = 0.05
+# A peer we have requests at hears how many pieces we hold at most this often (Progress): it
+# ranks requesters by it (p2preg.upload_order), and a count a few pieces old ranks the same.
+PROGRESS_INTERVAL = 0.25
 
 
 @dataclass(slots=True)
@@ -69,7 +73,8 @@ class _Peer:
     # Requests we cancelled here to ask another peer (queued_to_take_over). The Cancel can
     # cross the piece on the wire, so one of these may still arrive: it is not a protocol error.
     cancelled: set[int] = field(default_factory=set)
-    progress_told: int = -1  # the pieces we held when we last told it (Progress)
+    progress_told: int = -1  # the pieces we held when we last told it (Progress) ...
+    progress_told_at: float = -1e9  # ... and when
 
 
 class Swarm:
@@ -98,6 +103,7 @@ class Swarm:
         self.peers: dict[bytes, _Peer] = {}
         self._addresses: list[str] = []
         self._max_peers = download_peers(None)  # sized at every announce (note_swarm_size)
+        self._tell_progress_to_peers = serve_neediest_first(None)  # (their order reads it)
         self._dialing: set[str] = set()
         self._failed: dict[str, float] = {}
         self._wakeup = trio.Event()
@@ -119,6 +125,7 @@ class Swarm:
         """The tracker's last answer listed ``peers`` other peers: download from as many at
         once as p2preg.swarm_limits gives for that size. (Peers over a lowered limit stay.)"""
         self._max_peers = download_peers(peers)
+        self._tell_progress_to_peers = serve_neediest_first(peers)
         self._wakeup.set()
 
     def learn_metainfo(self, metainfo: MetaInfo) -> None:
@@ -300,11 +307,15 @@ class Swarm:
         )
 
     async def _tell_progress(self, peer: _Peer) -> None:
-        """Tell ``peer`` how many pieces we hold if that changed: it serves the requesters
-        holding fewest first (p2preg.upload_order). Only peers we ask something of need it."""
+        """Tell ``peer`` how many pieces we hold if that changed (at most every
+        PROGRESS_INTERVAL): in a swarm that is not large it serves the requesters holding
+        fewest first (p2preg.upload_order). Only peers we ask something of need it."""
+        if not self._tell_progress_to_peers:
+            return
         held = len(self.assembly.pieces)
-        if held != peer.progress_told:
-            peer.progress_told = held
+        now = trio.current_time()
+        if held != peer.progress_told and now - peer.progress_told_at >= PROGRESS_INTERVAL:
+            peer.progress_told, peer.progress_told_at = held, now
             await peer.link.send(Progress(self.digest, held))
 
     async def _fill(self, peer: _Peer) -> None:

@@ -8,7 +8,7 @@ A lower rank is served first; equal ranks go to the request that waited longest.
 2. In a swarm of at most ``LARGE_SWARM_PEERS`` other peers (p2preg.swarm_limits, the size the
    tracker counts): the requester that holds the fewest pieces of the blob, as its latest
    ``progress`` message says (wire protocol version 2: a downloader tells the peers it has
-   requests at whenever its count changes, within a 50 ms tick). A rollout ends when its last
+   requests at when its count changed, at most every 0.25 s). A rollout ends when its last
    node does; without this, a node that fell behind waits in every queue behind nodes that are
    ahead of it, and stays behind.
 

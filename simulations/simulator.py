@@ -910,8 +910,8 @@ class Simulator:
         c.wait_tie = tie
         src.n_waiting += 1
         self.pushes += 1
-        # (The requester's count as it is now: an agent tells the peers it waits at within a
-        # ticker period, 50 ms, agent/swarm.py _tell_progress.)
+        # (The requester's count as it is now: an agent tells the peers it waits at at most
+        # 0.25 s late, agent/swarm.py _tell_progress; a few pieces' difference.)
         rank = upload_rank(src.sent[c.queue[0]], len(c.dst.have), src.neediest_first)
         heappush(src.wait_heap, (rank, now, tie, self.pushes, c))
         if src.slots > 0:

@@ -956,3 +956,26 @@ class TwoPeers(RuleBasedStateMachine):
 
 TwoPeers.TestCase.settings = settings(max_examples=60, stateful_step_count=25, deadline=None)
 test_two_peers = TwoPeers.TestCase
+
+
+def test_digests_parsed_once_are_reused_and_bad_ones_never_cached() -> None:
+    import p2preg.wire as wire
+
+    _, listener = open_pair()
+    bad = "sha256:" + "zz" * 32
+    for _ in range(2):  # a bad digest is refused every time, not remembered as good
+        _, conn = open_pair()
+        conn.receive_data(frame({"t": "have", "d": bad, "i": 1}))
+        with pytest.raises(RemoteProtocolError, match="not a valid digest"):
+            conn.next_event()
+    assert bad not in wire._parsed_digests
+    listener.receive_data(frame({"t": "have", "d": GOOD_D, "i": 1}) * 2)
+    first, second = listener.next_event(), listener.next_event()
+    assert isinstance(first, Have) and isinstance(second, Have)
+    assert first.digest == second.digest == Digest.parse(GOOD_D)
+    assert first.digest is second.digest  # parsed once
+    # Bounded: a peer naming ever new digests cannot grow it.
+    for n in range(wire._PARSED_DIGESTS_MAX + 10):
+        listener.receive_data(frame({"t": "have", "d": f"sha256:{n:064x}", "i": 1}))
+        assert isinstance(listener.next_event(), Have)
+    assert len(wire._parsed_digests) <= wire._PARSED_DIGESTS_MAX
