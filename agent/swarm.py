@@ -343,8 +343,7 @@ class Swarm:
             chosen = await self._take_over(peer, room, now)
         if chosen:
             log.debug("requested %s of %s from %s", chosen, self.digest, peer.link.address)
-        if chosen:
-            await self._tell_progress(peer)
+            await self._tell_progress(peer)  # (before the requests it ranks)
         for index in chosen:
             await peer.link.send(Request(self.digest, index))
 
