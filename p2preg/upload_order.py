@@ -10,7 +10,9 @@ A lower rank is served first; equal ranks go to the request that waited longest.
    ``progress`` message says (wire protocol version 2: a downloader tells the peers it has
    requests at when its count changed, at most every 0.25 s). A rollout ends when its last
    node does; without this, a node that fell behind waits in every queue behind nodes that are
-   ahead of it, and stays behind.
+   ahead of it, and stays behind. The count is the requester's word (only authenticated cluster
+   members connect): one that always says 0 is served first among equally fresh pieces, which
+   gains it at most its own download rate and never a piece out of the least-sent order.
 
 Chosen with the simulator (u = d = u_origin; p50 / p99 / max x the bound, mean of the seeds
 given), least sent first, then longest waiting, against this order:
