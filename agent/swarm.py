@@ -103,6 +103,7 @@ class Swarm:
         self.peers: dict[bytes, _Peer] = {}
         self._addresses: list[str] = []
         self._max_peers = download_peers(None)  # sized at every announce (note_swarm_size)
+        self._swarm_count: int | None = None  # the tracker's count at the last announce
         self._tell_progress_to_peers = serve_neediest_first(None)  # (their order reads it)
         self._dialing: set[str] = set()
         self._failed: dict[str, float] = {}
@@ -122,9 +123,11 @@ class Swarm:
         self._wakeup.set()
 
     def note_swarm_size(self, peers: int) -> None:
-        """The tracker's last answer listed ``peers`` other peers: download from as many at
-        once as p2preg.swarm_limits gives for that size. (Peers over a lowered limit stay.)"""
-        self._max_peers = download_peers(peers)
+        """The tracker's last answer counted ``peers`` other peers: download from as many at
+        once as p2preg.swarm_limits gives for that size (and the count before). Peers over a
+        lowered limit are dropped by the ticker."""
+        self._max_peers = download_peers(peers, self._swarm_count)
+        self._swarm_count = peers
         self._tell_progress_to_peers = serve_neediest_first(peers)
         self._wakeup.set()
 
@@ -375,10 +378,29 @@ class Swarm:
         with contextlib.suppress(PeerGone, LocalProtocolError):
             await other.link.send(Cancel(self.digest, index))
 
+    async def _drop_extra(self) -> None:
+        """More peers than the limit (it fell: the swarm grew past a size): drop the ones with
+        the fewest of our requests out; those go back to the picker."""
+        extra = len(self.peers) - self._max_peers
+        if extra <= 0:
+            return
+        for peer in sorted(self.peers.values(), key=lambda p: len(p.in_flight))[:extra]:
+            log.info(
+                "peer %s dropped: %d peers for %s from now",
+                peer.link.address,
+                self._max_peers,
+                self.digest,
+            )
+            self.stats["dropped_extra"] += 1
+            self._forget(peer)
+            await peer.link.aclose()
+
     async def _ticker(self) -> None:
-        """Top up every peer's requests, and drop peers that stopped delivering."""
+        """Top up every peer's requests, and drop peers that stopped delivering or are over
+        the limit."""
         while True:
             await trio.sleep(TICK)
+            await self._drop_extra()
             now = trio.current_time()
             for peer in list(self.peers.values()):
                 oldest = min(peer.in_flight.values(), default=now)

@@ -39,6 +39,26 @@ nodes x 200 MiB @ 20 MiB/s, of 3 at 200 x 500 MiB @ 50 MiB/s, seed 1 at 300 and 
 so a swarm of at most 400 other peers keeps 8. The size is the tracker's count of the blob's
 live peers, sent with every announce answer: the handout lists at most 50 of them, which cannot
 tell 64 nodes from 10,000.
+
+At most 16 others: 12 peers, together with the origin fetcher refusing repeats for the whole
+rollout (agent/peer_server.py, super-seeding). With 8 of 15 others, only the 8 or so nodes
+that dialled the fetcher got new pieces first-hand; they did the relaying (uploaded 1.06-1.35
+blobs each) while the others had little to pass on (0.25-0.94), and the busiest uplinks set the
+end (docs/rollouts.md, "N = 16: where the time goes"). 12 peers reach the fetcher from nearly
+every node. Simulator, mean max / bound of 10 seeds (3 for 1 GiB), 8 peers against 12 (+ the
+fetcher refusing repeats after its fetch; 8 again as soon as a count passes 16):
+
+    100 MiB @ 10 MiB/s:  8 nodes 1.19 -> 1.14, 12: 1.32 -> 1.28, 16: 1.50 -> 1.34 (1.54 -> 1.35
+                         with starts spread over 1 s), 17: 1.56 -> 1.36, 20: 1.68 -> 1.57,
+                         24: 1.66 -> 1.57, 32: 1.68 -> 1.61, 64: 1.73 -> 1.68
+    1 GiB @ 100 MiB/s:   16 nodes 1.13 -> 1.14, 32: 1.40 -> 1.38, 64: 1.48 -> 1.51,
+                         128: 1.41 -> 1.42, 1,000: 1.73 -> 1.73
+
+15 peers (all of them) gave 16 x 100 MiB 1.40 but 16 x 1 GiB 1.20; 10 peers 1.38 and 1.11.
+The count must be small at two announces in a row (a second apart): in a rollout's first
+second every count is small, and nodes sized by it for a swarm that then grew to 20-32 nodes
+made those 2-19% slower (tried with 16 peers, with and without dropping the extra connections
+when the count grew).
 """
 
 from __future__ import annotations
@@ -47,7 +67,8 @@ UPLOAD_SLOTS = 3  # a large swarm, or one whose size is not known yet
 SMALL_SWARM_UPLOAD_SLOTS = 8
 SMALL_SWARM_PEERS = 16  # up to this many other peers (the crossover above is between 16 and 32)
 DOWNLOAD_PEERS = 32  # a swarm of more than LARGE_SWARM_PEERS others, or of unknown size
-SMALL_SWARM_DOWNLOAD_PEERS = 8
+SMALL_SWARM_DOWNLOAD_PEERS = 8  # up to LARGE_SWARM_PEERS others ...
+FEW_PEERS_DOWNLOAD_PEERS = 12  # ... and up to SMALL_SWARM_PEERS others, counted twice in a row
 LARGE_SWARM_PEERS = 400  # (in the table above the crossover is between 300 and 500 nodes)
 
 
@@ -58,8 +79,11 @@ def upload_slots(swarm_peers: int | None) -> int:
     return UPLOAD_SLOTS
 
 
-def download_peers(swarm_peers: int | None) -> int:
-    """Peers to download a blob from at once, for a swarm with ``swarm_peers`` other peers."""
-    if swarm_peers is not None and swarm_peers <= LARGE_SWARM_PEERS:
-        return SMALL_SWARM_DOWNLOAD_PEERS
-    return DOWNLOAD_PEERS
+def download_peers(swarm_peers: int | None, previous: int | None = None) -> int:
+    """Peers to download a blob from at once, for a swarm with ``swarm_peers`` other peers now
+    and ``previous`` at the announce before (None: this is the first)."""
+    if swarm_peers is None or swarm_peers > LARGE_SWARM_PEERS:
+        return DOWNLOAD_PEERS
+    if swarm_peers <= SMALL_SWARM_PEERS and previous is not None and previous <= SMALL_SWARM_PEERS:
+        return FEW_PEERS_DOWNLOAD_PEERS
+    return SMALL_SWARM_DOWNLOAD_PEERS

@@ -12,15 +12,18 @@ A discrete-event, flow-level model (docs/simulator.md has the whole story):
   alike. Both are injectable (``Simulator(config, picker_factory=..., handout=...)``).
 * The origin holds every piece and has only upload capacity. The first node takes the origin-fetch
   lease and streams the blob from the origin in order; the others announce to the tracker, dial up
-  to 8 of the peers it hands out and request pieces, 2 x 4 MiB in flight per peer. A node whose
+  to ``download_peers(swarm size)`` of the peers it hands out (p2preg.swarm_limits; extra
+  connections dropped when the swarm grows past a limit) and request pieces, up to 8 MiB in
+  flight per peer. A node whose
   swarm made no progress for the stall timeout takes the lease once it expires (holder dead or
   done) and streams the rest from the origin.
 * As the agent's peer server: a node sends at most ``upload_slots(swarm size)`` pieces at once
   (p2preg.swarm_limits) in p2preg.upload_order (the least-sent piece first; in swarms that are
   not large the requester holding fewest pieces next; then the longest waiting request), and the
   origin fetcher refuses a piece it already sent to a peer that is still connected
-  (super-seeding); refused requesters back off. A peer a node asks nothing of takes over its
-  requests queued behind another elsewhere (p2preg.piece_picker.queued_to_take_over).
+  (super-seeding, during and after its fetch); refused requesters back off. A peer a node asks
+  nothing of takes over its requests queued behind another elsewhere
+  (p2preg.piece_picker.queued_to_take_over).
 * A piece being sent is one fluid flow. Its rate is the smallest of its equal share of the
   receiver's download and of the zone pair's link, and its water-filled share of the sender's
   upload (local: a change re-rates only the flows of the nodes it touches).
@@ -198,6 +201,7 @@ class _Node:
         "endgame",
         "failed_at",
         "fan",
+        "fetcher",
         "have",
         "held",
         "index",
@@ -223,6 +227,7 @@ class _Node:
         "slots",
         "stamp",
         "started",
+        "swarm_count",
         "swarming",
         "up",
         "uploads",
@@ -253,6 +258,8 @@ class _Node:
         self.uploads: dict[_Conn, None] = {}  # connections this node serves
         self.downloads: dict[int, _Conn] = {}  # peer index -> connection we download on
         self.origin_conn: _Conn | None = None
+        self.fetcher = False  # it fetched the blob from the origin (held the lease): super-seeds
+        self.swarm_count: int | None = None  # the tracker's count at its last announce
         self.n_up = 0  # active flows out
         self.n_down = 0  # active flows in
         self.share = down  # down / n_down: each flow's equal share of the download (_cap)
@@ -921,17 +928,17 @@ class Simulator:
             self._push(c.tdue, _TIMEOUT, c)
 
     def _take(self, c: _Conn, now: float) -> None:
-        """``c`` holds an upload slot: send its head piece. While its sender fetches the blob
-        from the origin, a piece it already sent to another peer that is still connected is
-        refused (super-seeding at the origin fetcher: its uplink brings new pieces into the
-        swarm, so it carries each piece once); the requester asks elsewhere."""
+        """``c`` holds an upload slot: send its head piece. If its sender fetched the blob from
+        the origin, a piece it already sent to another peer that is still connected is refused
+        (super-seeding at the origin fetcher: its uplink brings new pieces into the swarm, so
+        it carries each piece once, also after its fetch); the requester asks elsewhere."""
         src = c.src
         queue = c.queue
         served = src.served
-        fetching = src.origin_conn is not None
+        super_seeding = src.fetcher
         while queue:
             index = queue[0]
-            if fetching:
+            if super_seeding:
                 other = served[index]
                 if other is not None and other is not c and other.open:
                     del queue[0]
@@ -1532,7 +1539,15 @@ class Simulator:
         """The agent's PeerServer.note_swarm_size and Swarm.note_swarm_size: upload slots and
         download peers for a swarm of ``peers`` others, as the tracker's answer counts them
         (a --max-peers what-if fixes the download peers)."""
-        limit = self.cfg.max_peers or download_peers(peers)
+        limit = self.cfg.max_peers or download_peers(peers, node.swarm_count)
+        node.swarm_count = peers
+        extra = len(node.downloads) - limit
+        if extra > 0:
+            # Fewer peers from now (the swarm grew): drop the connections with the fewest
+            # requests out, their requests back to the picker (the agent's Swarm._drop_extra).
+            by_load = sorted(node.downloads.values(), key=lambda c: len(c.queue))
+            for c in by_load[:extra]:
+                self._close(c, now, backoff=True)
         if limit > node.peer_limit and len(node.downloads) < limit:
             self.dial[node] = None  # room for more peers: dial now (Swarm.note_swarm_size wakes it)
         node.peer_limit = limit
@@ -1576,6 +1591,7 @@ class Simulator:
 
     def _grant_lease(self, node: _Node, now: float) -> None:
         self.lease_holder = node
+        node.fetcher = True
         self.lease_since = now
         self.lease_expires = math.inf  # renewed while the holder fetches
         c = _Conn(self.origin, node, None)

@@ -9,11 +9,13 @@ from typing import Any
 
 import pytest
 
-from agent.swarm import Swarm
+from agent.swarm import Swarm, _Peer
 from p2preg.swarm_limits import (
     DOWNLOAD_PEERS,
+    FEW_PEERS_DOWNLOAD_PEERS,
     LARGE_SWARM_PEERS,
     SMALL_SWARM_DOWNLOAD_PEERS,
+    SMALL_SWARM_PEERS,
     download_peers,
 )
 from tests.support.swarm_alone import swarm_alone
@@ -26,6 +28,18 @@ def test_policy_large_swarms_download_from_more_peers() -> None:
     assert download_peers(0) == download_peers(LARGE_SWARM_PEERS) == SMALL_SWARM_DOWNLOAD_PEERS
     assert download_peers(LARGE_SWARM_PEERS + 1) == download_peers(10_000) == DOWNLOAD_PEERS
     assert SMALL_SWARM_DOWNLOAD_PEERS < DOWNLOAD_PEERS
+
+
+def test_policy_a_swarm_small_at_two_announces_in_a_row_downloads_from_more_peers() -> None:
+    small = SMALL_SWARM_PEERS
+    assert download_peers(small, small) == download_peers(3, 0) == FEW_PEERS_DOWNLOAD_PEERS
+    # The first count of a rollout is small for everyone: not enough on its own.
+    assert download_peers(3, None) == SMALL_SWARM_DOWNLOAD_PEERS
+    # Grown past it, or just come down to it: the mid-size limit.
+    assert download_peers(small + 1, small) == download_peers(small, small + 1)
+    assert download_peers(small, small + 1) == SMALL_SWARM_DOWNLOAD_PEERS
+    assert download_peers(LARGE_SWARM_PEERS + 1, small) == DOWNLOAD_PEERS
+    assert SMALL_SWARM_DOWNLOAD_PEERS < FEW_PEERS_DOWNLOAD_PEERS <= SMALL_SWARM_PEERS
 
 
 class CountingNursery:
@@ -62,3 +76,43 @@ async def test_the_swarm_dials_as_many_peers_as_the_tracker_s_answer_allows(swar
     swarm.note_swarm_size(3)
     swarm._dial_more(nursery)  # type: ignore[arg-type]
     assert len(nursery.addresses) == DOWNLOAD_PEERS
+
+
+async def test_a_small_swarm_dials_more_and_drops_the_extra_peers_when_it_grows(
+    swarm: Swarm,
+) -> None:
+    addresses = [f"10.0.0.{i}:7000" for i in range(1, 21)]
+    swarm.add_addresses(addresses[:15])
+    swarm.note_swarm_size(15)
+    swarm.note_swarm_size(15)  # small at two announces in a row: 12 peers
+    nursery = CountingNursery()
+    swarm._dial_more(nursery)  # type: ignore[arg-type]
+    assert nursery.addresses == addresses[:FEW_PEERS_DOWNLOAD_PEERS]
+    # Say they all connected, three with requests out.
+    links = [ClosableLink(address, bytes([n]) * 16) for n, address in enumerate(nursery.addresses)]
+    swarm._dialing.clear()
+    for n, link in enumerate(links):
+        peer = _Peer(link)  # type: ignore[arg-type]
+        if n < 3:
+            peer.in_flight[n] = 0.0
+            swarm.picker.request_started(n)
+        swarm.peers[link.peer_id] = peer
+    swarm.note_swarm_size(SMALL_SWARM_PEERS + 4)  # the swarm grew: back to 8
+    await swarm._drop_extra()
+    assert len(swarm.peers) == SMALL_SWARM_DOWNLOAD_PEERS
+    closed = [link for link in links if link.closed]
+    assert len(closed) == FEW_PEERS_DOWNLOAD_PEERS - SMALL_SWARM_DOWNLOAD_PEERS
+    assert not {link.address for link in closed} & set(addresses[:3])  # busy ones stay
+    assert swarm.stats["dropped_extra"] == len(closed)
+
+
+class ClosableLink:
+    """Stands in for a PeerLink the swarm may close."""
+
+    def __init__(self, address: str, peer_id: bytes) -> None:
+        self.address = address
+        self.peer_id = peer_id
+        self.closed = False
+
+    async def aclose(self) -> None:
+        self.closed = True

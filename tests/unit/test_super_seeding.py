@@ -1,0 +1,104 @@
+"""Super-seeding at the origin fetcher (agent/peer_server.py): an agent that fetched a blob from
+the origin sends each piece to one peer; a second asker is refused while the first receiver is
+still connected. During the fetch and after it (p2preg.swarm_limits explains why)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.content_store import ContentStore
+from agent.peer_server import PeerServer, PieceSource
+from p2preg.bitfield import Bitfield
+from p2preg.digest import Digest
+from p2preg.metainfo import MetaInfo, piece_hash
+from p2preg.token_bucket import RateLimiter
+from p2preg.wire import Message, Reject, Request
+
+PIECE = 64 * 1024
+PIECES = 4
+
+
+class RecordingLink:
+    """Stands in for a PeerLink: keeps what the server sends on it."""
+
+    def __init__(self, name: str) -> None:
+        self.address = name
+        self.sent: list[object] = []
+
+    async def send(self, message: Message) -> None:
+        self.sent.append(message)
+
+    async def send_piece(self, digest: Digest, index: int, fd: int, offset: int, n: int) -> None:
+        self.sent.append(("piece", index, len(os.pread(fd, n, offset))))
+
+
+@pytest.fixture
+def blob(tmp_path: Path) -> Iterator[tuple[Digest, MetaInfo, Path]]:
+    data = os.urandom(PIECES * PIECE)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    digest = Digest.of_bytes(data)
+    metainfo = MetaInfo.empty(digest, len(data), PIECE).with_hashes(
+        (i, piece_hash(data[i * PIECE : (i + 1) * PIECE])) for i in range(PIECES)
+    )
+    yield digest, metainfo, path
+
+
+def _server(tmp_path: Path) -> PeerServer:
+    store = ContentStore.open(tmp_path / "store", 1 << 20)
+    return PeerServer(os.urandom(16), b"s" * 32, store, RateLimiter(None), RateLimiter(None))
+
+
+async def test_the_fetcher_refuses_repeats_during_and_after_its_fetch(
+    tmp_path: Path, blob: tuple[Digest, MetaInfo, Path]
+) -> None:
+    digest, metainfo, path = blob
+    server = _server(tmp_path)
+    fetching = True
+
+    def source(d: Digest) -> PieceSource | None:
+        if d != digest:
+            return None
+        return PieceSource(
+            metainfo, Bitfield.full(PIECES), fetching, lambda: os.open(path, os.O_RDONLY)
+        )
+
+    server.set_active_sources(source)
+    first, second, late = RecordingLink("first"), RecordingLink("second"), RecordingLink("late")
+    server._live_links.update({first, second})  # type: ignore[arg-type]
+    await server._request(first, Request(digest, 1))  # type: ignore[arg-type]
+    assert first.sent == [("piece", 1, PIECE)]
+    await server._request(second, Request(digest, 1))  # type: ignore[arg-type]
+    assert isinstance(second.sent[-1], Reject)  # during the fetch: get it from the first
+    fetching = False  # the fetch is done; the blob is complete here
+    await server._request(second, Request(digest, 1))  # type: ignore[arg-type]
+    assert isinstance(second.sent[-1], Reject)  # still: the first receiver is connected
+    await server._request(second, Request(digest, 2))  # type: ignore[arg-type]
+    assert second.sent[-1] == ("piece", 2, PIECE)  # a piece nobody has from us is sent
+    server._live_links.discard(first)  # type: ignore[arg-type]
+    server._live_links.add(late)  # type: ignore[arg-type]
+    await server._request(late, Request(digest, 1))  # type: ignore[arg-type]
+    assert late.sent == [("piece", 1, PIECE)]  # the first receiver left: served again
+    assert server.refusals == 2
+
+
+async def test_an_agent_that_did_not_fetch_from_the_origin_serves_everyone(
+    tmp_path: Path, blob: tuple[Digest, MetaInfo, Path]
+) -> None:
+    digest, metainfo, path = blob
+    server = _server(tmp_path)
+    server.set_active_sources(
+        lambda d: PieceSource(
+            metainfo, Bitfield.full(PIECES), False, lambda: os.open(path, os.O_RDONLY)
+        )
+    )
+    links = [RecordingLink(str(n)) for n in range(3)]
+    server._live_links.update(links)  # type: ignore[arg-type]
+    for link in links:
+        await server._request(link, Request(digest, 0))  # type: ignore[arg-type]
+        assert link.sent == [("piece", 0, PIECE)]
+    assert server.refusals == 0
