@@ -1,6 +1,6 @@
 """Limits sized by the swarm: how many pieces an agent sends at once and how many peers it
 downloads from. One policy for the agent and the fleet simulator; the agent learns the swarm's
-size from the tracker (the peers an announce hands back, at most 50).
+size from the tracker (its count of the blob's live peers, in every announce answer).
 
 Upload slots. An agent sends at most this many pieces at once over all its connections
 (agent/peer_server.py, UploadSlots); the rest of the requests wait for a slot. Fewer, faster
