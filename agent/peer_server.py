@@ -24,7 +24,7 @@ from p2preg.bitfield import Bitfield
 from p2preg.digest import Digest
 from p2preg.errors import ConfigError, LocalProtocolError, RemoteProtocolError
 from p2preg.metainfo import MetaInfo, piece_count, piece_hash, piece_length_for
-from p2preg.swarm_limits import upload_slots
+from p2preg.swarm_limits import super_seed_after_fetch, upload_slots
 from p2preg.token_bucket import RateLimiter
 from p2preg.upload_order import serve_neediest_first, upload_rank
 from p2preg.wire import (
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 IDLE_TIMEOUT = 300.0
 MAX_QUEUED_REQUESTS = 64
 MAX_CONNECTIONS = 512
-MAX_FETCHED_REMEMBERED = 1024  # blobs it fetched from the origin, for super-seeding
+MAX_FETCHED_REMEMBERED = 1024  # blobs it fetched from the origin, and swarm counts
 
 
 class UploadSlots:
@@ -177,6 +177,7 @@ class PeerServer:
         # Blobs this agent fetched from the origin (bounded, oldest dropped): it keeps
         # super-seeding them after the fetch, while their first receivers are connected.
         self._fetched_from_origin: dict[Digest, None] = {}
+        self._swarm_counts: dict[Digest, int] = {}  # the tracker's last count per blob (bounded)
         self._live_links: set[PeerLink] = set()
         self._connections = 0
         self._slots = UploadSlots(upload_slots(None))
@@ -185,10 +186,16 @@ class PeerServer:
         self.refusals = 0  # super-seeding refusals
         self.progress_reports = 0  # progress messages recorded (they order the upload slots)
 
-    def note_swarm_size(self, peers: int) -> None:
-        """The tracker just counted ``peers`` other peers of a blob: size the upload slots and
-        choose their order for a swarm that large (p2preg.swarm_limits, p2preg.upload_order;
-        the latest announce decides)."""
+    def note_swarm_size(self, peers: int, digest: Digest | None = None) -> None:
+        """The tracker just counted ``peers`` other peers of ``digest``: size the upload slots
+        and choose their order for a swarm that large (p2preg.swarm_limits,
+        p2preg.upload_order; the latest announce decides), and remember the count for
+        super-seeding that blob."""
+        if digest is not None:
+            self._swarm_counts.pop(digest, None)
+            self._swarm_counts[digest] = peers
+            if len(self._swarm_counts) > MAX_FETCHED_REMEMBERED:
+                del self._swarm_counts[next(iter(self._swarm_counts))]
         self._slots.neediest_first = serve_neediest_first(peers)
         slots = upload_slots(peers)
         if slots != self._slots.limit:
@@ -337,7 +344,11 @@ class PeerServer:
         key = (request.digest, request.index)
         if source.fetching_from_origin:
             self._note_fetched_from_origin(request.digest)
-        if request.digest in self._fetched_from_origin and self._served_elsewhere(key, link):
+        super_seeding = source.fetching_from_origin or (
+            request.digest in self._fetched_from_origin
+            and super_seed_after_fetch(self._swarm_counts.get(request.digest))
+        )
+        if super_seeding and self._served_elsewhere(key, link):
             # Super-seeding at the origin fetcher: once this agent fetches the blob from the
             # origin, a piece it already sent to a peer that is still connected is not sent
             # to a second one; that one gets it from the first. The fetcher's uplink is what
@@ -347,9 +358,10 @@ class PeerServer:
             # max; refusing only at the fetcher, for as long as the first receiver is
             # connected, 11.5-12.6 s. (The demo before that fix: window 1 s 9.9-11.6 s, 3 s
             # 7.6-7.8 s, at 8 nodes x 48 MiB @ 10 MiB/s.) A receiver that left frees the piece.
-            # Also after the fetch: complete, the fetcher would otherwise be the one peer that
-            # every node of a small swarm asks for what it lacks (simulator, 16 nodes x 100 MiB,
-            # 15 download peers: 1.40x the bound with this, 1.93x without).
+            # Also after the fetch, in a swarm that is not large: complete, the fetcher would
+            # otherwise be the one peer that every node of a small swarm asks for what it lacks
+            # (simulator, 16 nodes x 100 MiB, 15 download peers: 1.40x the bound with this,
+            # 1.93x without; p2preg.swarm_limits.super_seed_after_fetch).
             await link.send(Reject(request.digest, request.index, "fetch it from a peer"))
             self.refusals += 1
             return

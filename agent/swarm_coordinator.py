@@ -366,7 +366,7 @@ class SwarmCoordinator:
             complete=pieces == metainfo.num_pieces,
             pieces=pieces,
         )
-        self._peer_server.note_swarm_size(self._others(result))
+        self._peer_server.note_swarm_size(self._others(result), digest)
         return result
 
     def _others(self, result: AnnounceResult) -> int:

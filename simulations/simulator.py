@@ -66,7 +66,12 @@ from p2preg.metainfo import (
     piece_length_for,
 )
 from p2preg.piece_picker import PiecePicker, queued_to_take_over
-from p2preg.swarm_limits import DOWNLOAD_PEERS, download_peers, upload_slots
+from p2preg.swarm_limits import (
+    DOWNLOAD_PEERS,
+    download_peers,
+    super_seed_after_fetch,
+    upload_slots,
+)
 from p2preg.units import format_size, parse_duration, parse_size
 from p2preg.upload_order import serve_neediest_first, upload_rank
 from simulations.sim_bounds import kumar_ross_bound, zone_bound
@@ -935,7 +940,9 @@ class Simulator:
         src = c.src
         queue = c.queue
         served = src.served
-        super_seeding = src.fetcher
+        super_seeding = src.fetcher and (
+            src.origin_conn is not None or super_seed_after_fetch(src.swarm_count)
+        )
         while queue:
             index = queue[0]
             if super_seeding:

@@ -466,6 +466,7 @@ def test_constants_agree_with_the_agent_and_the_tracker() -> None:
     assert vars(sim)["download_peers"] is vars(swarm)["download_peers"] is download_peers
     assert vars(sim)["upload_rank"] is vars(peer_server)["upload_rank"] is upload_rank
     assert vars(sim)["serve_neediest_first"] is vars(peer_server)["serve_neediest_first"]
+    assert vars(sim)["super_seed_after_fetch"] is vars(peer_server)["super_seed_after_fetch"]
     assert sim.MAX_IN_FLIGHT == swarm.MAX_IN_FLIGHT
     assert sim.MAX_IN_FLIGHT_BYTES == swarm.MAX_IN_FLIGHT_BYTES
     assert sim.MAX_CONNECTIONS == peer_server.MAX_CONNECTIONS

@@ -15,6 +15,7 @@ from agent.peer_server import PeerServer, PieceSource
 from p2preg.bitfield import Bitfield
 from p2preg.digest import Digest
 from p2preg.metainfo import MetaInfo, piece_hash
+from p2preg.swarm_limits import LARGE_SWARM_PEERS
 from p2preg.token_bucket import RateLimiter
 from p2preg.wire import Message, Reject, Request
 
@@ -68,6 +69,7 @@ async def test_the_fetcher_refuses_repeats_during_and_after_its_fetch(
         )
 
     server.set_active_sources(source)
+    server.note_swarm_size(15, digest)  # a small swarm
     first, second, late = RecordingLink("first"), RecordingLink("second"), RecordingLink("late")
     server._live_links.update({first, second})  # type: ignore[arg-type]
     await server._request(first, Request(digest, 1))  # type: ignore[arg-type]
@@ -84,6 +86,30 @@ async def test_the_fetcher_refuses_repeats_during_and_after_its_fetch(
     await server._request(late, Request(digest, 1))  # type: ignore[arg-type]
     assert late.sent == [("piece", 1, PIECE)]  # the first receiver left: served again
     assert server.refusals == 2
+
+
+async def test_in_a_large_swarm_the_fetcher_stops_refusing_once_its_fetch_is_done(
+    tmp_path: Path, blob: tuple[Digest, MetaInfo, Path]
+) -> None:
+    digest, metainfo, path = blob
+    server = _server(tmp_path)
+    fetching = True
+
+    def source(d: Digest) -> PieceSource | None:
+        return PieceSource(
+            metainfo, Bitfield.full(PIECES), fetching, lambda: os.open(path, os.O_RDONLY)
+        )
+
+    server.set_active_sources(source)
+    server.note_swarm_size(LARGE_SWARM_PEERS + 1, digest)
+    first, second = RecordingLink("first"), RecordingLink("second")
+    server._live_links.update({first, second})  # type: ignore[arg-type]
+    await server._request(first, Request(digest, 3))  # type: ignore[arg-type]
+    await server._request(second, Request(digest, 3))  # type: ignore[arg-type]
+    assert isinstance(second.sent[-1], Reject)  # during the fetch: refused, as everywhere
+    fetching = False
+    await server._request(second, Request(digest, 3))  # type: ignore[arg-type]
+    assert second.sent[-1] == ("piece", 3, PIECE)
 
 
 async def test_an_agent_that_did_not_fetch_from_the_origin_serves_everyone(
