@@ -41,12 +41,13 @@ live peers, sent with every announce answer: the handout lists at most 50 of the
 tell 64 nodes from 10,000.
 
 At most 16 others: 12 peers, together with the origin fetcher refusing repeats after its fetch
-too (agent/peer_server.py, super-seeding; in swarms of up to 400 others, super_seed_after_fetch).
-With 8 of 15 others, only the 8 or so nodes that dialled the fetcher got new pieces first-hand;
-they did the relaying (uploaded 1.06-1.35 blobs each) while the others had little to pass on
-(0.25-0.94), and the busiest uplinks set the end (docs/rollouts.md, "N = 16: where the time goes"). 12 peers reach the fetcher from nearly
-every node. Simulator, mean max / bound of 10 seeds (3 for 1 GiB), 8 peers against 12 (+ the
-fetcher refusing repeats after its fetch; 8 again as soon as a count passes 16):
+too (agent/peer_server.py, super-seeding; in swarms of up to 400 others,
+super_seed_after_fetch). With 8 of 15 others, only the 8 or so nodes that dialled the fetcher
+got new pieces first-hand; they did the relaying (uploaded 1.06-1.35 blobs each) while the
+others had little to pass on (0.25-0.94), and the busiest uplinks set the end (docs/rollouts.md,
+"N = 16: where the time goes"). 12 peers reach the fetcher from nearly every node. Simulator,
+mean max / bound of 10 seeds (3 for 1 GiB), 8 peers against 12 (+ the fetcher refusing repeats
+after its fetch; 8 again as soon as a count passes 16):
 
     100 MiB @ 10 MiB/s:  8 nodes 1.19 -> 1.14, 12: 1.32 -> 1.28, 16: 1.50 -> 1.34 (1.54 -> 1.35
                          with starts spread over 1 s), 17: 1.56 -> 1.36, 20: 1.68 -> 1.57,
