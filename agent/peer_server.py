@@ -15,6 +15,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import trio
 
@@ -49,6 +50,16 @@ IDLE_TIMEOUT = 300.0
 MAX_QUEUED_REQUESTS = 64
 MAX_CONNECTIONS = 512
 MAX_FETCHED_REMEMBERED = 1024  # blobs it fetched from the origin, and swarm counts
+_V = TypeVar("_V")
+
+
+def _remember(memory: dict[Digest, _V], digest: Digest, value: _V) -> None:
+    """Put ``digest`` last in ``memory`` (insertion order = age), dropping the oldest entry
+    beyond MAX_FETCHED_REMEMBERED."""
+    memory.pop(digest, None)
+    memory[digest] = value
+    if len(memory) > MAX_FETCHED_REMEMBERED:
+        del memory[next(iter(memory))]
 
 
 class UploadSlots:
@@ -192,10 +203,7 @@ class PeerServer:
         p2preg.upload_order; the latest announce decides), and remember the count for
         super-seeding that blob."""
         if digest is not None:
-            self._swarm_counts.pop(digest, None)
-            self._swarm_counts[digest] = peers
-            if len(self._swarm_counts) > MAX_FETCHED_REMEMBERED:
-                del self._swarm_counts[next(iter(self._swarm_counts))]
+            _remember(self._swarm_counts, digest, peers)
         self._slots.neediest_first = serve_neediest_first(peers)
         slots = upload_slots(peers)
         if slots != self._slots.limit:
@@ -343,7 +351,7 @@ class PeerServer:
             return
         key = (request.digest, request.index)
         if source.fetching_from_origin:
-            self._note_fetched_from_origin(request.digest)
+            _remember(self._fetched_from_origin, request.digest, None)
         super_seeding = source.fetching_from_origin or (
             request.digest in self._fetched_from_origin
             and super_seed_after_fetch(self._swarm_counts.get(request.digest))
@@ -378,12 +386,6 @@ class PeerServer:
         self._slots.sent[key] += 1
         self.pieces_served += 1
         self.bytes_served += length
-
-    def _note_fetched_from_origin(self, digest: Digest) -> None:
-        if digest not in self._fetched_from_origin:
-            self._fetched_from_origin[digest] = None
-            if len(self._fetched_from_origin) > MAX_FETCHED_REMEMBERED:
-                del self._fetched_from_origin[next(iter(self._fetched_from_origin))]
 
     def _served_elsewhere(self, key: tuple[Digest, int], link: PeerLink) -> bool:
         other = self._recent_serves.get(key)

@@ -104,7 +104,6 @@ class Swarm:
         self._addresses: list[str] = []
         self._max_peers = download_peers(None)  # sized at every announce (note_swarm_size)
         self._swarm_count: int | None = None  # the tracker's count at the last announce
-        self._tell_progress_to_peers = serve_neediest_first(None)  # (their order reads it)
         self._dialing: set[str] = set()
         self._failed: dict[str, float] = {}
         self._wakeup = trio.Event()
@@ -128,7 +127,6 @@ class Swarm:
         lowered limit are dropped by the ticker."""
         self._max_peers = download_peers(peers, self._swarm_count)
         self._swarm_count = peers
-        self._tell_progress_to_peers = serve_neediest_first(peers)
         self._wakeup.set()
 
     def learn_metainfo(self, metainfo: MetaInfo) -> None:
@@ -313,8 +311,8 @@ class Swarm:
         """Tell ``peer`` how many pieces we hold if that changed (at most every
         PROGRESS_INTERVAL): in a swarm that is not large it serves the requesters holding
         fewest first (p2preg.upload_order). Only peers we ask something of need it."""
-        if not self._tell_progress_to_peers:
-            return
+        if not serve_neediest_first(self._swarm_count):
+            return  # (their order does not read it)
         held = len(self.assembly.pieces)
         now = trio.current_time()
         if held != peer.progress_told and now - peer.progress_told_at >= PROGRESS_INTERVAL:

@@ -49,6 +49,25 @@ def blob(tmp_path: Path) -> Iterator[tuple[Digest, MetaInfo, Path]]:
     yield digest, metainfo, path
 
 
+class Source:
+    """The blob as the agent's downloads offer it to the peer server: whole, and still
+    ``fetching`` from the origin until the test says otherwise."""
+
+    def __init__(self, blob: tuple[Digest, MetaInfo, Path], fetching: bool) -> None:
+        self.digest, self.metainfo, self.path = blob
+        self.fetching = fetching
+
+    def __call__(self, digest: Digest) -> PieceSource | None:
+        if digest != self.digest:
+            return None
+        return PieceSource(
+            self.metainfo,
+            Bitfield.full(PIECES),
+            self.fetching,
+            lambda: os.open(self.path, os.O_RDONLY),
+        )
+
+
 def _server(tmp_path: Path) -> PeerServer:
     store = ContentStore.open(tmp_path / "store", 1 << 20)
     return PeerServer(os.urandom(16), b"s" * 32, store, RateLimiter(None), RateLimiter(None))
@@ -57,17 +76,9 @@ def _server(tmp_path: Path) -> PeerServer:
 async def test_the_fetcher_refuses_repeats_during_and_after_its_fetch(
     tmp_path: Path, blob: tuple[Digest, MetaInfo, Path]
 ) -> None:
-    digest, metainfo, path = blob
+    digest = blob[0]
     server = _server(tmp_path)
-    fetching = True
-
-    def source(d: Digest) -> PieceSource | None:
-        if d != digest:
-            return None
-        return PieceSource(
-            metainfo, Bitfield.full(PIECES), fetching, lambda: os.open(path, os.O_RDONLY)
-        )
-
+    source = Source(blob, fetching=True)
     server.set_active_sources(source)
     server.note_swarm_size(15, digest)  # a small swarm
     first, second, late = RecordingLink("first"), RecordingLink("second"), RecordingLink("late")
@@ -76,7 +87,7 @@ async def test_the_fetcher_refuses_repeats_during_and_after_its_fetch(
     assert first.sent == [("piece", 1, PIECE)]
     await server._request(second, Request(digest, 1))  # type: ignore[arg-type]
     assert isinstance(second.sent[-1], Reject)  # during the fetch: get it from the first
-    fetching = False  # the fetch is done; the blob is complete here
+    source.fetching = False  # the fetch is done; the blob is complete here
     await server._request(second, Request(digest, 1))  # type: ignore[arg-type]
     assert isinstance(second.sent[-1], Reject)  # still: the first receiver is connected
     await server._request(second, Request(digest, 2))  # type: ignore[arg-type]
@@ -91,15 +102,9 @@ async def test_the_fetcher_refuses_repeats_during_and_after_its_fetch(
 async def test_in_a_large_swarm_the_fetcher_stops_refusing_once_its_fetch_is_done(
     tmp_path: Path, blob: tuple[Digest, MetaInfo, Path]
 ) -> None:
-    digest, metainfo, path = blob
+    digest = blob[0]
     server = _server(tmp_path)
-    fetching = True
-
-    def source(d: Digest) -> PieceSource | None:
-        return PieceSource(
-            metainfo, Bitfield.full(PIECES), fetching, lambda: os.open(path, os.O_RDONLY)
-        )
-
+    source = Source(blob, fetching=True)
     server.set_active_sources(source)
     server.note_swarm_size(LARGE_SWARM_PEERS + 1, digest)
     first, second = RecordingLink("first"), RecordingLink("second")
@@ -107,7 +112,7 @@ async def test_in_a_large_swarm_the_fetcher_stops_refusing_once_its_fetch_is_don
     await server._request(first, Request(digest, 3))  # type: ignore[arg-type]
     await server._request(second, Request(digest, 3))  # type: ignore[arg-type]
     assert isinstance(second.sent[-1], Reject)  # during the fetch: refused, as everywhere
-    fetching = False
+    source.fetching = False
     await server._request(second, Request(digest, 3))  # type: ignore[arg-type]
     assert second.sent[-1] == ("piece", 3, PIECE)
 
@@ -115,13 +120,9 @@ async def test_in_a_large_swarm_the_fetcher_stops_refusing_once_its_fetch_is_don
 async def test_an_agent_that_did_not_fetch_from_the_origin_serves_everyone(
     tmp_path: Path, blob: tuple[Digest, MetaInfo, Path]
 ) -> None:
-    digest, metainfo, path = blob
+    digest = blob[0]
     server = _server(tmp_path)
-    server.set_active_sources(
-        lambda d: PieceSource(
-            metainfo, Bitfield.full(PIECES), False, lambda: os.open(path, os.O_RDONLY)
-        )
-    )
+    server.set_active_sources(Source(blob, fetching=False))
     links = [RecordingLink(str(n)) for n in range(3)]
     server._live_links.update(links)  # type: ignore[arg-type]
     for link in links:
