@@ -13,7 +13,7 @@ import collections
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Container
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -33,11 +33,11 @@ from p2preg.wire import (
     Cancel,
     ConnectionClosed,
     Error,
+    Event,
     GetMeta,
     Have,
     Holdings,
     Interest,
-    KeepAlive,
     Meta,
     Progress,
     Query,
@@ -149,6 +149,8 @@ class PieceSource:
 
 
 SourceLookup = Callable[[Digest], PieceSource | None]
+# A peer id -> the pieces of one blob that peer told us it holds (None: we do not know).
+HoldingsLookup = Callable[[bytes], Container[int] | None]
 
 
 @dataclass(slots=True, eq=False)  # identity semantics: kept in sets
@@ -189,6 +191,7 @@ class PeerServer:
         # super-seeding them after the fetch, while their first receivers are connected.
         self._fetched_from_origin: dict[Digest, None] = {}
         self._swarm_counts: dict[Digest, int] = {}  # the tracker's last count per blob (bounded)
+        self._holdings: dict[Digest, HoldingsLookup] = {}  # blobs downloading (watch_holdings)
         self._live_links: set[PeerLink] = set()
         self._connections = 0
         self._slots = UploadSlots(upload_slots(None))
@@ -196,6 +199,7 @@ class PeerServer:
         self.bytes_served = 0
         self.refusals = 0  # super-seeding refusals
         self.progress_reports = 0  # progress messages recorded (they order the upload slots)
+        self.haves_skipped = 0  # HAVEs not sent: the peer holds the piece (piece_available)
 
     def note_swarm_size(self, peers: int, digest: Digest | None = None) -> None:
         """The tracker just counted ``peers`` other peers of ``digest``: size the upload slots
@@ -238,9 +242,31 @@ class PeerServer:
 
         return PieceSource(metainfo, Bitfield.full(count), False, open_fd)
 
+    def watch_holdings(self, digest: Digest, lookup: HoldingsLookup) -> None:
+        """While ``digest`` downloads here: what each peer we download it from holds, by peer
+        id (the HAVEs it sent us; None: not one of them). A HAVE for a piece the peer holds
+        already is not sent (see piece_available)."""
+        self._holdings[digest] = lookup
+
+    def unwatch_holdings(self, digest: Digest, lookup: HoldingsLookup) -> None:
+        if self._holdings.get(digest) == lookup:  # (bound methods: equal, not identical)
+            del self._holdings[digest]
+
     def piece_available(self, digest: Digest, index: int) -> None:
-        """A new piece of ``digest`` is servable: tell every interested peer."""
+        """A new piece of ``digest`` is servable: tell every interested peer that lacks it.
+
+        A peer we also download from told us what it holds; it has no use for a HAVE of a
+        piece among those (it never asks for a piece it holds, and it knows the hash). HAVEs
+        were most of the messages an agent sent and received (one per piece per peer, both
+        ways); in a swarm where pieces spread in a few hops about half of them go to peers
+        that hold the piece already."""
+        holdings = self._holdings.get(digest)
         for subscriber in self._subscribers.get(digest, ()):
+            if holdings is not None:
+                held = holdings(subscriber.link.peer_id)
+                if held is not None and index in held:
+                    self.haves_skipped += 1
+                    continue
             subscriber.pending.setdefault(digest, []).append(index)
             subscriber.wakeup.set()
 
@@ -304,33 +330,44 @@ class PeerServer:
 
     async def _serve_link(self, subscriber: _Subscriber) -> None:
         link = subscriber.link
-        while True:
-            with trio.fail_after(IDLE_TIMEOUT):
-                event = await link.receive()
-            if isinstance(event, ConnectionClosed | Error):
-                return
-            if isinstance(event, Interest):
-                await self._interest(subscriber, event.digest)
-            elif isinstance(event, Request):
-                if len(subscriber.requests) >= MAX_QUEUED_REQUESTS:
-                    await link.send(Reject(event.digest, event.index, "too many requests"))
-                else:
-                    subscriber.requests.append(event)
-                    subscriber.request_ready.set()
-            elif isinstance(event, Cancel):
-                with contextlib.suppress(ValueError):
-                    subscriber.requests.remove(Request(event.digest, event.index))
-            elif isinstance(event, Progress):
-                if subscriber in self._subscribers.get(event.digest, ()):
-                    subscriber.held[event.digest] = event.held  # (only blobs it is served)
-                    self.progress_reports += 1
-            elif isinstance(event, Query):
-                held = tuple(d for d in event.digests if self._holds(d))
-                await link.send(Holdings(held))
-            elif isinstance(event, GetMeta):
-                await self._get_meta(link, event.digest)
-            elif isinstance(event, KeepAlive):
-                pass
+        # One deadline for the connection, moved on (at most once a second) as messages come:
+        # a fresh trio.fail_after per message cost more than the message itself.
+        with trio.CancelScope(deadline=trio.current_time() + IDLE_TIMEOUT) as idle:
+            while True:
+                now = trio.current_time()
+                if idle.deadline - now < IDLE_TIMEOUT - 1.0:
+                    idle.deadline = now + IDLE_TIMEOUT
+                event: Event | None = await link.receive()
+                while event is not None:  # (and whatever else that read completed)
+                    if isinstance(event, ConnectionClosed | Error):
+                        return
+                    await self._serve_event(subscriber, event)
+                    event = link.buffered_event()
+        raise trio.TooSlowError(f"peer {link.address} idle for {IDLE_TIMEOUT:.0f} s")
+
+    async def _serve_event(self, subscriber: _Subscriber, event: Event) -> None:
+        link = subscriber.link
+        if isinstance(event, Request):
+            if len(subscriber.requests) >= MAX_QUEUED_REQUESTS:
+                await link.send(Reject(event.digest, event.index, "too many requests"))
+            else:
+                subscriber.requests.append(event)
+                subscriber.request_ready.set()
+        elif isinstance(event, Progress):
+            if subscriber in self._subscribers.get(event.digest, ()):
+                subscriber.held[event.digest] = event.held  # (only blobs it is served)
+                self.progress_reports += 1
+        elif isinstance(event, Cancel):
+            with contextlib.suppress(ValueError):
+                subscriber.requests.remove(Request(event.digest, event.index))
+        elif isinstance(event, Interest):
+            await self._interest(subscriber, event.digest)
+        elif isinstance(event, Query):
+            held = tuple(d for d in event.digests if self._holds(d))
+            await link.send(Holdings(held))
+        elif isinstance(event, GetMeta):
+            await self._get_meta(link, event.digest)
+        # (KeepAlive and anything else a peer may send: nothing to do)
 
     def _holds(self, digest: Digest) -> bool:
         source = self.source_for(digest)

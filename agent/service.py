@@ -189,10 +189,12 @@ async def run_agent(
     finally:
         if peer_server is not None:
             log.info(
-                "peer server: served %d pieces (%d bytes), refused %d (super-seeding)",
+                "peer server: served %d pieces (%d bytes), refused %d (super-seeding), "
+                "%d HAVEs not sent (the peer held the piece)",
                 peer_server.pieces_served,
                 peer_server.bytes_served,
                 peer_server.refusals,
+                peer_server.haves_skipped,
             )
         with trio.CancelScope(shield=True):
             await origin.aclose()

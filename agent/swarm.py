@@ -37,6 +37,7 @@ from p2preg.wire import (
     Cancel,
     ConnectionClosed,
     Error,
+    Event,
     GetMeta,
     Have,
     Interest,
@@ -75,6 +76,10 @@ class _Peer:
     cancelled: set[int] = field(default_factory=set)
     progress_told: int = -1  # the pieces we held when we last told it (Progress) ...
     progress_told_at: float = -1e9  # ... and when
+    # Its last fill found nothing to ask at this Swarm._picks_changed (-1: it found something),
+    # and when its oldest refusal runs out: till then the ticker need not fill it again.
+    dry_at: int = -1
+    refusals_until: float = 0.0
 
 
 class Swarm:
@@ -107,6 +112,9 @@ class Swarm:
         self._dialing: set[str] = set()
         self._failed: dict[str, float] = {}
         self._wakeup = trio.Event()
+        # Bumps whenever a pick may find something it did not before for any peer: hashes
+        # learned, a request of ours ended without the piece (_Peer.dry_at).
+        self._picks_changed = 0
         self.bytes_from_peers = 0
         # What happened, for the log line at the end (operators and benchmarks read it):
         # pieces, duplicates (endgame copies that arrived anyway), refusals, dropped peers.
@@ -132,11 +140,23 @@ class Swarm:
     def learn_metainfo(self, metainfo: MetaInfo) -> None:
         self.assembly.learn_hashes(metainfo)
         self._learn(self.assembly.metainfo)
+        self._picks_changed += 1
         self._wakeup.set()
+
+    def _note_have(self) -> None:
+        """A piece arrived. Near the end that may allow endgame duplicates (PiecePicker)."""
+        if self.picker.num_pieces - len(self.picker.have) <= self.picker.endgame_pieces:
+            self._picks_changed += 1
+
+    def _request_ended(self, index: int) -> None:
+        """A request of ours for ``index`` ended without the piece: any peer may be asked."""
+        self.picker.request_ended(index)
+        self._picks_changed += 1
 
     def local_piece(self, index: int) -> None:
         """The assembly gained a piece by other means (the origin)."""
         self.picker.mark_have(index)
+        self._note_have()
 
     @property
     def complete(self) -> bool:
@@ -204,47 +224,61 @@ class Swarm:
             self.picker.remove_peer(peer.held)
             peer.counted = False
         for index in peer.in_flight:
-            self.picker.request_ended(index)
+            self._request_ended(index)
         peer.in_flight.clear()
 
     async def _read(self, peer: _Peer) -> None:
         while not self.complete:
-            event = await peer.link.receive()
-            if isinstance(event, ConnectionClosed | Error):
-                return
-            if isinstance(event, BitfieldMsg) and event.digest == self.digest:
-                bits = event.to_bitfield()
-                if bits.size != self.picker.num_pieces:
-                    raise RemoteProtocolError("bitfield size does not match the metainfo")
-                if peer.counted:
-                    self.picker.remove_peer(peer.held)
-                peer.held, peer.counted = {i for i in range(bits.size) if i in bits}, True
-                self.picker.add_peer(peer.held)
-                await self._ask_meta_if_needed(peer, peer.held)
-            elif isinstance(event, Have) and event.digest == self.digest:
-                if not 0 <= event.index < self.picker.num_pieces:
-                    raise RemoteProtocolError(f"have for piece {event.index} out of range")
-                if event.index not in peer.held:
-                    peer.held.add(event.index)
-                    if peer.counted:
-                        self.picker.peer_has(event.index)
-                await self._ask_meta_if_needed(peer, (event.index,))
-            elif isinstance(event, Piece) and event.digest == self.digest:
-                await self._piece(peer, event)
-            elif isinstance(event, Reject) and event.digest == self.digest:
-                if event.index < 0:
-                    return  # the peer does not have this blob at all
-                if peer.in_flight.pop(event.index, None) is not None:
-                    self.picker.request_ended(event.index)
-                # Not from this peer for a while (it may want us to get it from another).
-                peer.refused[event.index] = trio.current_time()
-                self.stats["refusals"] += 1
-                log.debug("refused %d by %s", event.index, peer.link.address)
-            elif isinstance(event, Meta) and event.metainfo.digest == self.digest:
-                peer.meta_asked = False
-                self.learn_metainfo(event.metainfo)
-                await self._ask_meta_if_needed(peer, peer.held)
+            event: Event | None = await peer.link.receive()
+            # Every event the last read brought in first, then one fill: a burst of HAVEs
+            # costs one pick and one batch of requests instead of one per message (and the
+            # pick sees them all).
+            while event is not None:
+                if not await self._handle(peer, event):
+                    return
+                event = peer.link.buffered_event()
             await self._fill(peer)
+
+    async def _handle(self, peer: _Peer, event: Event) -> bool:
+        """Apply one event from ``peer``; False: the connection is over."""
+        if isinstance(event, ConnectionClosed | Error):
+            return False
+        if isinstance(event, Have) and event.digest == self.digest:
+            if not 0 <= event.index < self.picker.num_pieces:
+                raise RemoteProtocolError(f"have for piece {event.index} out of range")
+            if event.index not in peer.held:
+                peer.held.add(event.index)
+                if peer.counted:
+                    self.picker.peer_has(event.index)
+            await self._ask_meta_if_needed(peer, (event.index,))
+        elif isinstance(event, Piece) and event.digest == self.digest:
+            await self._piece(peer, event)
+        elif isinstance(event, BitfieldMsg) and event.digest == self.digest:
+            bits = event.to_bitfield()
+            if bits.size != self.picker.num_pieces:
+                raise RemoteProtocolError("bitfield size does not match the metainfo")
+            if peer.counted:
+                self.picker.remove_peer(peer.held)
+            peer.held, peer.counted = {i for i in range(bits.size) if i in bits}, True
+            self.picker.add_peer(peer.held)
+            await self._ask_meta_if_needed(peer, peer.held)
+        elif isinstance(event, Reject) and event.digest == self.digest:
+            if event.index < 0:
+                return False  # the peer does not have this blob at all
+            if peer.in_flight.pop(event.index, None) is not None:
+                self._request_ended(event.index)
+            # Not from this peer for a while (it may want us to get it from another).
+            now = trio.current_time()
+            peer.refused[event.index] = now
+            if peer.refusals_until <= now:
+                peer.refusals_until = now + REFUSAL_BACKOFF
+            self.stats["refusals"] += 1
+            log.debug("refused %d by %s", event.index, peer.link.address)
+        elif isinstance(event, Meta) and event.metainfo.digest == self.digest:
+            peer.meta_asked = False
+            self.learn_metainfo(event.metainfo)
+            await self._ask_meta_if_needed(peer, peer.held)
+        return True
 
     async def _piece(self, peer: _Peer, event: Piece) -> None:
         index = event.index
@@ -257,7 +291,7 @@ class Swarm:
             peer.cancelled.discard(index)
         if index in self.assembly.pieces or index in self._verifying:
             if requested:
-                self.picker.request_ended(index)
+                self._request_ended(index)
             self.stats["duplicates"] += 1  # an endgame copy that was already on its way
             return
         # The piece stays "requested" in the picker until it is verified and written (a thread
@@ -270,7 +304,7 @@ class Swarm:
             self._verifying.discard(index)
         if not good:
             if requested:
-                self.picker.request_ended(index)
+                self._request_ended(index)
             log.warning(
                 "peer %s sent a bad piece %d of %s: banned", peer.link.address, index, self.digest
             )
@@ -281,6 +315,7 @@ class Swarm:
         self.stats["pieces"] += 1
         log.debug("piece %d of %s from %s", index, self.digest, peer.link.address)
         self.picker.mark_have(index)  # also ends every request for it, ours included
+        self._note_have()
         for other in list(self.peers.values()):
             # (Forgotten here too: a stale entry would look like a stalled request at the
             # ticker; if the copy comes anyway, it is counted as a duplicate.)
@@ -298,6 +333,19 @@ class Swarm:
             peer.meta_asked = True
             await peer.link.send(GetMeta(self.digest))
 
+    def lacks_hashes(self) -> bool:
+        """A peer holds a piece whose hash we do not know yet: we cannot ask for it until we
+        learn the hash (from that peer's Meta, or the tracker's metainfo)."""
+        known = self.picker.known
+        if len(known) == self.picker.num_pieces:
+            return False
+        return any(i not in known for peer in self.peers.values() for i in peer.held)
+
+    def pieces_of(self, peer_id: bytes) -> set[int] | None:
+        """What the peer ``peer_id`` told us it holds (None: not one of our peers)."""
+        peer = self.peers.get(peer_id)
+        return peer.held if peer is not None else None
+
     def waiting_on_peers(self) -> bool:
         """Requests are out and not yet overdue: a busy seeder, not a stalled swarm."""
         now = trio.current_time()
@@ -311,27 +359,35 @@ class Swarm:
         """Tell ``peer`` how many pieces we hold if that changed (at most every
         PROGRESS_INTERVAL): in a swarm that is not large it serves the requesters holding
         fewest first (p2preg.upload_order). Only peers we ask something of need it."""
+        progress = self._progress_for(peer)
+        if progress is not None:
+            await peer.link.send(progress)
+
+    def _progress_for(self, peer: _Peer) -> Progress | None:
+        """The progress message ``peer`` is due (see _tell_progress), marked as told; or None."""
         if not serve_neediest_first(self._swarm_count):
-            return  # (their order does not read it)
+            return None  # (their order does not read it)
         held = len(self.assembly.pieces)
         now = trio.current_time()
         if held != peer.progress_told and now - peer.progress_told_at >= PROGRESS_INTERVAL:
             peer.progress_told, peer.progress_told_at = held, now
-            await peer.link.send(Progress(self.digest, held))
+            return Progress(self.digest, held)
+        return None
 
     async def _fill(self, peer: _Peer) -> None:
-        if peer.in_flight:  # (requests waiting there are ranked by it)
-            await self._tell_progress(peer)
         # Bound the bytes in flight per peer, not the count: deep queues of big pieces on one
         # busy seeder only add latency (and look like stalls).
         depth = max(1, min(MAX_IN_FLIGHT, MAX_IN_FLIGHT_BYTES // self.assembly.piece_length))
         room = depth - len(peer.in_flight)
         if room <= 0 or self.complete:
+            if peer.in_flight:  # (requests waiting there are ranked by it)
+                await self._tell_progress(peer)
             return
         read_position = self.picker.first_missing()
         now = trio.current_time()
         if peer.refused:
             peer.refused = {i: at for i, at in peer.refused.items() if now - at < REFUSAL_BACKOFF}
+            peer.refusals_until = min(peer.refused.values(), default=now) + REFUSAL_BACKOFF
         exclude = set(peer.in_flight) | set(peer.refused)
         chosen = self.picker.pick(peer.held, room, read_position, exclude=exclude)
         for index in chosen:
@@ -342,11 +398,26 @@ class Swarm:
             # (Not at a peer that refused us lately: the origin fetcher, super-seeding, refuses
             # pieces that others hold already; a moved request it refuses starts queueing anew.)
             chosen = await self._take_over(peer, room, now)
+        peer.dry_at = -1 if chosen else self._picks_changed
+        # The progress first (it ranks the requests), then the requests: one write.
+        progress = self._progress_for(peer) if peer.in_flight else None
         if chosen:
             log.debug("requested %s of %s from %s", chosen, self.digest, peer.link.address)
-            await self._tell_progress(peer)  # (before the requests it ranks)
-        for index in chosen:
-            await peer.link.send(Request(self.digest, index))
+        messages: list[Progress | Request] = [progress] if progress is not None else []
+        messages += [Request(self.digest, index) for index in chosen]
+        if messages:
+            await peer.link.send_many(messages)
+
+    def _nothing_new_for(self, peer: _Peer, now: float) -> bool:
+        """The ticker may skip filling ``peer``: its last fill found nothing, nothing a pick
+        reads changed since (its own HAVEs fill it when they come), no refusal of it ran out,
+        and requests are out there (an idle peer may take over others' queued requests, which
+        change all the time)."""
+        return (
+            bool(peer.in_flight)
+            and peer.dry_at == self._picks_changed
+            and (not peer.refused or now < peer.refusals_until)
+        )
 
     async def _take_over(self, peer: _Peer, room: int, now: float) -> list[int]:
         """Nothing fresh to ask ``peer`` for and nothing outstanding there: take over requests
@@ -409,7 +480,10 @@ class Swarm:
                     await peer.link.aclose()
                     continue
                 try:
-                    await self._fill(peer)
+                    if self._nothing_new_for(peer, now):
+                        await self._tell_progress(peer)  # (the count may have changed)
+                    else:
+                        await self._fill(peer)
                 except (PeerGone, LocalProtocolError):
                     # The connection broke: drop it entirely (its reader ends with it).
                     self._forget(peer)

@@ -263,6 +263,8 @@ class SystemResult:
     failed: str | None = None
     cpu_busy: float | None = None  # mean machine-wide busy share during the pulls
     cpu_detail: str = ""  # who used the CPU (ours by role, the busiest others)
+    # CPU seconds our processes used during the pulls, by role ("agents", "origin", "curl", ...)
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
     # netns only: frame bytes each node's link carried during the pulls, (sent, received)
     link_bytes: dict[str, tuple[int, int]] = field(default_factory=dict)
 
@@ -370,6 +372,9 @@ class Emulation:
             cpu = monitor.finish()
             result.cpu_busy = cpu.machine_busy
             result.cpu_detail = cpu.describe()
+            result.cpu_seconds = {
+                role: cores * cpu.wall_seconds for role, cores in cpu.cores.items()
+            }
             links_after = testbed.link_counters()
             result.link_bytes = {
                 name: (sent - links_before[name][0], received - links_before[name][1])
@@ -661,6 +666,7 @@ class Report:
                 clients=result.clients,
                 cpu_busy=result.cpu_busy,
                 cpu_detail=result.cpu_detail,
+                cpu_seconds=result.cpu_seconds,
                 link_bytes=result.link_bytes,
             )
             systems[result.system] = entry

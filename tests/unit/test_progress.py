@@ -3,6 +3,7 @@ message, agent/swarm.py), so that they can serve the neediest first (p2preg.uplo
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,9 @@ class RecordingLink:
 
     async def send(self, message: Message) -> None:
         self.sent.append(message)
+
+    async def send_many(self, messages: Iterable[Message]) -> None:
+        self.sent.extend(messages)
 
 
 def _progress(link: RecordingLink) -> list[int]:

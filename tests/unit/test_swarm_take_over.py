@@ -9,7 +9,7 @@ record what the swarm sends.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +37,9 @@ class RecordingLink:
 
     async def send(self, message: object) -> None:
         self.sent.append(message)
+
+    async def send_many(self, messages: Iterable[object]) -> None:
+        self.sent.extend(messages)
 
     async def aclose(self) -> None:
         pass
