@@ -16,8 +16,11 @@ class Bitfield:
     @classmethod
     def full(cls, size: int) -> Bitfield:
         bitfield = cls(size)
-        for index in range(size):
-            bitfield.add(index)
+        whole, spare = divmod(size, 8)
+        bitfield._bits[:whole] = b"\xff" * whole
+        if spare:
+            bitfield._bits[whole] = (0xFF00 >> spare) & 0xFF  # the first ``spare`` bits
+        bitfield._count = size
         return bitfield
 
     @classmethod

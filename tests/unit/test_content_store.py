@@ -126,3 +126,27 @@ def test_metainfo_sidecar_survives_reopen_and_goes_with_the_blob(tmp_path: Path)
     reopened.remove(digest)
     assert reopened.read_metainfo(digest) is None
     assert list((tmp_path / "meta").rglob("*" + digest.hex)) == []
+
+
+def test_metainfo_is_read_once_and_follows_the_blob(tmp_path: Path) -> None:
+    """read_metainfo decodes the sidecar once (a seeder asks for every piece it serves); a
+    metainfo put later, a removal and a new commit are all seen."""
+    from p2preg.metainfo import MetaInfo, piece_hash
+
+    store = ContentStore.open(tmp_path, 10_000_000)
+    data = os.urandom(300_000)
+    digest = _put(store, data)
+    assert store.read_metainfo(digest) is None  # none recorded yet (cached as such)
+    length = 128 * 1024
+    metainfo = MetaInfo.empty(digest, len(data), length).with_hashes(
+        (i, piece_hash(data[i * length : (i + 1) * length])) for i in range(3)
+    )
+    store.put_metainfo(metainfo)
+    assert store.read_metainfo(digest) == metainfo
+    sidecar = next((tmp_path / "meta").rglob("*" + digest.hex))
+    sidecar.write_bytes(b"garbage")  # (not read again: the decoded copy answers)
+    assert store.read_metainfo(digest) == metainfo
+    store.remove(digest)
+    assert store.read_metainfo(digest) is None
+    _put(store, data)  # committed again, without a sidecar now
+    assert store.read_metainfo(digest) is None

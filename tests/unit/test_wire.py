@@ -979,3 +979,13 @@ def test_digests_parsed_once_are_reused_and_bad_ones_never_cached() -> None:
         listener.receive_data(frame({"t": "have", "d": f"sha256:{n:064x}", "i": 1}))
         assert isinstance(listener.next_event(), Have)
     assert len(wire._parsed_digests) <= wire._PARSED_DIGESTS_MAX
+
+
+@given(st.integers(min_value=0, max_value=100))
+def test_a_full_bitfield_is_every_piece_added_one_by_one(size: int) -> None:
+    one_by_one = Bitfield(size)
+    for index in range(size):
+        one_by_one.add(index)
+    full = Bitfield.full(size)
+    assert full == one_by_one and len(full) == size and full.complete
+    assert Bitfield.from_bytes(size, full.to_bytes()) == full  # (spare bits stay zero)
