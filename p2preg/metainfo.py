@@ -26,7 +26,7 @@ MAX_PIECE_LENGTH = 64 * 1024 * 1024
 # A blob is cut into at most this many pieces, each a power of two within these bounds
 # (piece_length_for; the reasons and the measurements are in docs/performance.md, piece size).
 TARGET_PIECES = 512
-MIN_DEFAULT_PIECE_LENGTH = 1024 * 1024
+MIN_DEFAULT_PIECE_LENGTH = 512 * 1024
 MAX_DEFAULT_PIECE_LENGTH = 16 * 1024 * 1024
 MAX_BLOB_SIZE = 1 << 40  # 1 TiB: far beyond any layer, small enough to bound the metainfo
 
@@ -37,13 +37,15 @@ def piece_hash(data: bytes | bytearray | memoryview) -> bytes:
 
 def piece_length_for(size: int) -> int:
     """The default piece length of a blob of ``size`` bytes: the smallest power of two, from
-    1 MiB to 16 MiB, that cuts it into at most TARGET_PIECES pieces (up to 512 MiB: 1 MiB,
-    1 GiB: 2 MiB, 2 GiB: 4 MiB). A piece crosses each hop of the swarm whole before it is
-    passed on (it is checked first), so a rollout's pipeline fills in about hops x piece time:
-    smaller pieces fill it sooner. Each piece costs the agent CPU (a request, a HAVE to every
-    peer, a hash, a write): at 256 KiB, 16 emulated agents at 10 MiB/s kept two cores busy and
-    finished later than with 1 MiB. Every agent derives the same length from the size, so
-    metainfo computed independently for the same blob agrees."""
+    512 KiB to 16 MiB, that cuts it into at most TARGET_PIECES pieces (up to 256 MiB: 512 KiB,
+    512 MiB: 1 MiB, 1 GiB: 2 MiB, 2 GiB: 4 MiB). A piece crosses each hop of the swarm whole
+    before it is passed on (it is checked first), so a rollout's pipeline fills in about hops x
+    piece time: smaller pieces fill it sooner (16 nodes x 100 MiB, simulated: 1 MiB 1.34x the
+    bound, 512 KiB 1.20x, 256 KiB 1.16x). Each piece costs the agent CPU (a request, HAVEs, a
+    hash, a write): 256 KiB took a quarter more agent CPU than 512 KiB for the same rollout
+    (docs/performance.md, piece size). Every agent derives the same length from the size, so
+    metainfo computed independently for the same blob agrees (which is why changing this is
+    a rolling-upgrade concern: docs/operations.md)."""
     length = MIN_DEFAULT_PIECE_LENGTH
     while length < MAX_DEFAULT_PIECE_LENGTH and size > length * TARGET_PIECES:
         length *= 2

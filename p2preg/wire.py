@@ -127,7 +127,8 @@ class Authenticated:
 
 @dataclass(frozen=True, slots=True)
 class Interest:
-    """I want this blob: send me your bitfield now, and a have for every piece you gain."""
+    """I want this blob: send me your bitfield now, and a have for every piece you gain (one
+    you know I hold, because I told you as a peer you download from, may be left out)."""
 
     digest: Digest
 

@@ -726,7 +726,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nodes", type=int, default=8, help="pulling nodes (default 8)")
     parser.add_argument("--blob-size", default="200MiB", help="the image layer's size (200MiB)")
     parser.add_argument(
-        "--node-bandwidth", default="20MiB", help="each node's upload and download cap, per second"
+        "--node-bandwidth",
+        default="8MiB",
+        help="each node's upload and download cap, per second (8MiB: 8 nodes leave the CPUs of "
+        "a 2-vCPU machine room, docs/rollouts.md)",
     )
     parser.add_argument("--origin-bandwidth", help="the origin's cap (default: the node's)")
     parser.add_argument(

@@ -20,8 +20,10 @@ MiB, GiB = 1024**2, 1024**3
 
 
 def test_the_documented_sizes() -> None:
-    assert piece_length_for(0) == piece_length_for(1) == MiB
-    assert piece_length_for(100 * MiB) == MiB  # 100 pieces
+    assert piece_length_for(0) == piece_length_for(1) == MiB // 2
+    assert piece_length_for(100 * MiB) == MiB // 2  # 200 pieces
+    assert piece_length_for(256 * MiB) == MiB // 2  # 512
+    assert piece_length_for(256 * MiB + 1) == MiB
     assert piece_length_for(512 * MiB) == MiB  # 512
     assert piece_length_for(512 * MiB + 1) == 2 * MiB
     assert piece_length_for(GiB) == 2 * MiB
