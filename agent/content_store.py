@@ -41,7 +41,8 @@ class _Entry:
     size: int
     readers: int = 0
     # The blob's metainfo file, decoded once (read_metainfo): a seeding agent looks it up for
-    # every piece it serves, and reading and decoding it each time cost a sixth of its CPU.
+    # every piece it serves; reading and decoding it each time (and building a full bitfield)
+    # were 13% of five emulated agents' busy samples (py-spy, 16 x 100 MiB, 256 KiB pieces).
     metainfo: MetaInfo | None = None
     metainfo_read: bool = False
 

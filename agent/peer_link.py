@@ -155,8 +155,8 @@ class PeerLink:
 
     async def _receive_bytes(self) -> bytes:
         """Up to RECEIVE_SIZE bytes (b"": the peer closed). Reads the socket at once when it
-        has data, without the two trips through trio's scheduler that ``receive_some`` makes
-        per call (a third of an agent's CPU went to such trips at 256 KiB pieces); one read in
+        has data, without the trips through trio's scheduler that ``receive_some`` makes per
+        call (an agent reads thousands of times a second); one read in
         FAST_READS_PER_CHECKPOINT still yields, so a peer that floods us cannot starve the
         other tasks."""
         if self._fd is None or self._fast_reads >= FAST_READS_PER_CHECKPOINT:

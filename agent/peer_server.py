@@ -257,9 +257,9 @@ class PeerServer:
 
         A peer we also download from told us what it holds; it has no use for a HAVE of a
         piece among those (it never asks for a piece it holds, and it knows the hash). HAVEs
-        were most of the messages an agent sent and received (one per piece per peer, both
-        ways); in a swarm where pieces spread in a few hops about half of them go to peers
-        that hold the piece already."""
+        are most of the messages an agent sends and receives (one per piece per peer, both
+        ways), and where pieces spread in a few hops many reach peers that hold the piece
+        already (the agent logs how many it left out)."""
         holdings = self._holdings.get(digest)
         for subscriber in self._subscribers.get(digest, ()):
             if holdings is not None:
@@ -330,8 +330,8 @@ class PeerServer:
 
     async def _serve_link(self, subscriber: _Subscriber) -> None:
         link = subscriber.link
-        # One deadline for the connection, moved on (at most once a second) as messages come:
-        # a fresh trio.fail_after per message cost more than the message itself.
+        # One deadline for the connection, moved on (at most once a second) as messages come,
+        # instead of a trio.fail_after per message (a cancel scope and a deadline each time).
         with trio.CancelScope(deadline=trio.current_time() + IDLE_TIMEOUT) as idle:
             while True:
                 now = trio.current_time()
