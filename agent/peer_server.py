@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import math
 import os
 from collections.abc import AsyncIterator, Callable, Container
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from p2preg.swarm_limits import super_seed_after_fetch, upload_slots
 from p2preg.token_bucket import RateLimiter
 from p2preg.upload_order import serve_neediest_first, upload_rank
 from p2preg.wire import (
+    REJECT_NOT_HELD,
     BitfieldMsg,
     Cancel,
     ConnectionClosed,
@@ -330,14 +332,14 @@ class PeerServer:
 
     async def _serve_link(self, subscriber: _Subscriber) -> None:
         link = subscriber.link
-        # One deadline for the connection, moved on (at most once a second) as messages come,
-        # instead of a trio.fail_after per message (a cancel scope and a deadline each time).
-        with trio.CancelScope(deadline=trio.current_time() + IDLE_TIMEOUT) as idle:
+        # One scope for the connection whose deadline runs only while we wait for the peer
+        # (replies may wait behind a piece being sent), instead of a trio.fail_after per
+        # message (a cancel scope each time).
+        with trio.CancelScope() as idle:
             while True:
-                now = trio.current_time()
-                if idle.deadline - now < IDLE_TIMEOUT - 1.0:
-                    idle.deadline = now + IDLE_TIMEOUT
+                idle.deadline = trio.current_time() + IDLE_TIMEOUT
                 event: Event | None = await link.receive()
+                idle.deadline = math.inf
                 while event is not None:  # (and whatever else that read completed)
                     if isinstance(event, ConnectionClosed | Error):
                         return
@@ -384,7 +386,7 @@ class PeerServer:
     async def _request(self, link: PeerLink, request: Request) -> None:
         source = self.source_for(request.digest)
         if source is None or request.index not in source.pieces or source.metainfo is None:
-            await link.send(Reject(request.digest, request.index, "piece not held"))
+            await link.send(Reject(request.digest, request.index, REJECT_NOT_HELD))
             return
         key = (request.digest, request.index)
         if source.fetching_from_origin:
@@ -414,7 +416,7 @@ class PeerServer:
         offset, length = source.metainfo.span(request.index)
         fd = source.open_fd()
         if fd is None:
-            await link.send(Reject(request.digest, request.index, "piece not held"))
+            await link.send(Reject(request.digest, request.index, REJECT_NOT_HELD))
             return
         try:
             await link.send_piece(request.digest, request.index, fd, offset, length)

@@ -33,6 +33,7 @@ from p2preg.piece_picker import PiecePicker, queued_to_take_over
 from p2preg.swarm_limits import download_peers
 from p2preg.upload_order import serve_neediest_first
 from p2preg.wire import (
+    REJECT_NOT_HELD,
     BitfieldMsg,
     Cancel,
     ConnectionClosed,
@@ -145,6 +146,11 @@ class Swarm:
 
     def _note_have(self) -> None:
         """A piece arrived. Near the end that may allow endgame duplicates (PiecePicker)."""
+        self._note_endgame()
+
+    def _note_endgame(self) -> None:
+        """Few pieces are missing: once all are requested, any peer holding one may be asked
+        for a second copy (the endgame), so dry peers must be filled again."""
         if self.picker.num_pieces - len(self.picker.have) <= self.picker.endgame_pieces:
             self._picks_changed += 1
 
@@ -267,6 +273,12 @@ class Swarm:
                 return False  # the peer does not have this blob at all
             if peer.in_flight.pop(event.index, None) is not None:
                 self._request_ended(event.index)
+            if event.reason == REJECT_NOT_HELD and event.index in peer.held:
+                # It lost the piece (its download started over): stop counting it there, and
+                # its peer server hears of our copies again (PeerServer.piece_available).
+                peer.held.discard(event.index)
+                if peer.counted:
+                    self.picker.remove_peer((event.index,))
             # Not from this peer for a while (it may want us to get it from another).
             now = trio.current_time()
             peer.refused[event.index] = now
@@ -394,6 +406,8 @@ class Swarm:
             peer.in_flight[index] = now
             self.picker.request_started(index)
         self.stats["requests"] += len(chosen)
+        if chosen and not self.picker.unrequested:
+            self._note_endgame()  # (every missing piece is requested now)
         if not chosen and not peer.in_flight and not peer.refused:
             # (Not at a peer that refused us lately: the origin fetcher, super-seeding, refuses
             # pieces that others hold already; a moved request it refuses starts queueing anew.)
