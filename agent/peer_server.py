@@ -30,7 +30,6 @@ from p2preg.swarm_limits import super_seed_after_fetch, upload_slots
 from p2preg.token_bucket import RateLimiter
 from p2preg.upload_order import serve_neediest_first, upload_rank
 from p2preg.wire import (
-    REJECT_NOT_HELD,
     BitfieldMsg,
     Cancel,
     ConnectionClosed,
@@ -229,6 +228,9 @@ class PeerServer:
         size = self._store.size_of(digest)
         if size is None:
             return None
+        return self._stored_source(digest, size)
+
+    def _stored_source(self, digest: Digest, size: int) -> PieceSource:
         metainfo = self._store.read_metainfo(digest)
         count = metainfo.num_pieces if metainfo else piece_count(size, piece_length_for(size))
         store = self._store
@@ -386,7 +388,7 @@ class PeerServer:
     async def _request(self, link: PeerLink, request: Request) -> None:
         source = self.source_for(request.digest)
         if source is None or request.index not in source.pieces or source.metainfo is None:
-            await link.send(Reject(request.digest, request.index, REJECT_NOT_HELD))
+            await link.send(Reject(request.digest, request.index, "piece not held"))
             return
         key = (request.digest, request.index)
         if source.fetching_from_origin:
@@ -412,12 +414,18 @@ class PeerServer:
             await link.send(Reject(request.digest, request.index, "fetch it from a peer"))
             self.refusals += 1
             return
-        self._recent_serves[key] = link
         offset, length = source.metainfo.span(request.index)
         fd = source.open_fd()
+        size = self._store.size_of(request.digest)
+        if fd is None and size is not None:
+            # (A download's file closes when it is committed: the store has the blob by then.)
+            fd = self._stored_source(request.digest, size).open_fd()
         if fd is None:
-            await link.send(Reject(request.digest, request.index, REJECT_NOT_HELD))
+            await link.send(Reject(request.digest, request.index, "piece not held"))
             return
+        # Marked only now: a piece refused here was not sent, and marking it sent would make
+        # the super-seeding rule refuse it to everyone else while this link stays connected.
+        self._recent_serves[key] = link
         try:
             await link.send_piece(request.digest, request.index, fd, offset, length)
         finally:

@@ -33,7 +33,6 @@ from p2preg.piece_picker import PiecePicker, queued_to_take_over
 from p2preg.swarm_limits import download_peers
 from p2preg.upload_order import serve_neediest_first
 from p2preg.wire import (
-    REJECT_NOT_HELD,
     BitfieldMsg,
     Cancel,
     ConnectionClosed,
@@ -273,12 +272,6 @@ class Swarm:
                 return False  # the peer does not have this blob at all
             if peer.in_flight.pop(event.index, None) is not None:
                 self._request_ended(event.index)
-            if event.reason == REJECT_NOT_HELD and event.index in peer.held:
-                # It lost the piece (its download started over): stop counting it there, and
-                # its peer server hears of our copies again (PeerServer.piece_available).
-                peer.held.discard(event.index)
-                if peer.counted:
-                    self.picker.remove_peer((event.index,))
             # Not from this peer for a while (it may want us to get it from another).
             now = trio.current_time()
             peer.refused[event.index] = now

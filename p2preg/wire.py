@@ -188,11 +188,6 @@ class Cancel:
     index: int
 
 
-# The reason a server gives when it does not hold a piece it was asked for (any other reason,
-# e.g. super-seeding's "fetch it from a peer", leaves the piece held).
-REJECT_NOT_HELD = "piece not held"
-
-
 @dataclass(frozen=True, slots=True)
 class Reject:
     """The sender cannot serve a request (index >= 0) or an interest / get_meta (index -1)."""

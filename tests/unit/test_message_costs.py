@@ -7,9 +7,7 @@
   tasks still never interleave, a full socket buffer falls back to waiting, and a closed link
   never writes to the (reusable) descriptor number it had;
 - the swarm's ticker skips a peer whose last fill found nothing until something a pick reads
-  changes (a request of ours ended, hashes learned, a refusal ran out, the endgame began);
-- a peer that says it does not hold a piece is no longer counted as holding it (so HAVEs of it
-  reach that peer again).
+  changes (a request of ours ended, hashes learned, a refusal ran out, the endgame began).
 """
 
 from __future__ import annotations
@@ -28,7 +26,7 @@ from agent.peer_server import PeerServer, _Subscriber
 from agent.swarm import REFUSAL_BACKOFF, Swarm, _Peer
 from p2preg.digest import Digest
 from p2preg.token_bucket import RateLimiter
-from p2preg.wire import REJECT_NOT_HELD, Have, KeepAlive, Piece, Reject, Request
+from p2preg.wire import Have, KeepAlive, Piece, Reject, Request
 from tests.support.swarm_alone import swarm_alone
 
 SECRET = b"k" * 32
@@ -254,17 +252,3 @@ async def test_the_last_request_starting_the_endgame_wakes_dry_peers(tmp_path: P
         assert not swarm._nothing_new_for(c, trio.current_time())
         await swarm._fill(c)
         assert 7 in c.in_flight  # the endgame copy
-
-
-async def test_a_piece_the_peer_says_it_does_not_hold_is_no_longer_counted_there(
-    tmp_path: Path,
-) -> None:
-    async with swarm_alone(tmp_path, 4, 1024 * 1024) as (swarm, _):
-        a = _join(swarm, "a", {0, 1})
-        await swarm._fill(a)
-        assert swarm.picker.availability[0] == 1
-        await swarm._handle(a, Reject(swarm.digest, 0, REJECT_NOT_HELD))
-        assert a.held == {1} and swarm.picker.availability[0] == 0
-        # A refusal for another reason (super-seeding) leaves the piece held.
-        await swarm._handle(a, Reject(swarm.digest, 1, "fetch it from a peer"))
-        assert a.held == {1} and swarm.picker.availability[1] == 1

@@ -129,3 +129,32 @@ async def test_an_agent_that_did_not_fetch_from_the_origin_serves_everyone(
         await server._request(link, Request(digest, 0))  # type: ignore[arg-type]
         assert link.sent == [("piece", 0, PIECE)]
     assert server.refusals == 0
+
+
+async def test_a_piece_the_fetcher_could_not_send_is_not_refused_to_others(
+    tmp_path: Path, blob: tuple[Digest, MetaInfo, Path]
+) -> None:
+    """The fetcher's download file closes when the blob is committed; a request that came in
+    that moment is answered "not held". It must not count as sent: the emulator's 3-node run
+    stalled on its last piece when it did (the first asker had dropped it, everyone else was
+    refused while that asker stayed connected)."""
+    digest = blob[0]
+    server = _server(tmp_path)
+    source = Source(blob, fetching=True)
+    server.note_swarm_size(2, digest)
+    first, second = RecordingLink("first"), RecordingLink("second")
+    server._live_links.update({first, second})  # type: ignore[arg-type]
+
+    def closed_file(d: Digest) -> PieceSource | None:
+        found = source(d)  # (its file closed: nothing can be read from it)
+        return (
+            None if found is None else PieceSource(found.metainfo, found.pieces, True, lambda: None)
+        )
+
+    server.set_active_sources(closed_file)
+    await server._request(first, Request(digest, 3))  # type: ignore[arg-type]
+    assert isinstance(first.sent[-1], Reject) and first.sent[-1].reason == "piece not held"
+    server.set_active_sources(source)
+    await server._request(second, Request(digest, 3))  # type: ignore[arg-type]
+    assert second.sent == [("piece", 3, PIECE)]
+    assert server.refusals == 0
