@@ -113,7 +113,7 @@ class Swarm:
         self._failed: dict[str, float] = {}
         self._wakeup = trio.Event()
         # Bumps whenever a pick may find something it did not before for any peer: hashes
-        # learned, a request of ours ended without the piece (_Peer.dry_at).
+        # learned, a request of ours ended without the piece, the endgame (_Peer.dry_at).
         self._picks_changed = 0
         self.bytes_from_peers = 0
         # What happened, for the log line at the end (operators and benchmarks read it):
