@@ -228,23 +228,19 @@ class PeerServer:
         size = self._store.size_of(digest)
         if size is None:
             return None
-        return self._stored_source(digest, size)
-
-    def _stored_source(self, digest: Digest, size: int) -> PieceSource:
         metainfo = self._store.read_metainfo(digest)
         count = metainfo.num_pieces if metainfo else piece_count(size, piece_length_for(size))
-        store = self._store
+        return PieceSource(metainfo, Bitfield.full(count), False, lambda: self._open_stored(digest))
 
-        def open_fd() -> int | None:
-            blob = store.acquire(digest)
-            if blob is None:
-                return None
-            try:
-                return os.dup(blob.fd)
-            finally:
-                blob.release()
-
-        return PieceSource(metainfo, Bitfield.full(count), False, open_fd)
+    def _open_stored(self, digest: Digest) -> int | None:
+        """A descriptor of the committed blob ``digest`` (the caller closes it); None: gone."""
+        blob = self._store.acquire(digest)
+        if blob is None:
+            return None
+        try:
+            return os.dup(blob.fd)
+        finally:
+            blob.release()
 
     def watch_holdings(self, digest: Digest, lookup: HoldingsLookup) -> None:
         """While ``digest`` downloads here: what each peer we download it from holds, by peer
@@ -416,10 +412,9 @@ class PeerServer:
             return
         offset, length = source.metainfo.span(request.index)
         fd = source.open_fd()
-        size = self._store.size_of(request.digest)
-        if fd is None and size is not None:
+        if fd is None:
             # (A download's file closes when it is committed: the store has the blob by then.)
-            fd = self._stored_source(request.digest, size).open_fd()
+            fd = self._open_stored(request.digest)
         if fd is None:
             await link.send(Reject(request.digest, request.index, "piece not held"))
             return

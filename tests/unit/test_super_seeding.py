@@ -73,16 +73,26 @@ def _server(tmp_path: Path) -> PeerServer:
     return PeerServer(os.urandom(16), b"s" * 32, store, RateLimiter(None), RateLimiter(None))
 
 
+def _fetcher(
+    tmp_path: Path, blob: tuple[Digest, MetaInfo, Path], swarm_peers: int
+) -> tuple[PeerServer, Source, RecordingLink, RecordingLink]:
+    """A peer server fetching ``blob`` from the origin in a swarm of ``swarm_peers`` others,
+    with two connected askers."""
+    server = _server(tmp_path)
+    source = Source(blob, fetching=True)
+    server.set_active_sources(source)
+    server.note_swarm_size(swarm_peers, blob[0])
+    first, second = RecordingLink("first"), RecordingLink("second")
+    server._live_links.update({first, second})  # type: ignore[arg-type]
+    return server, source, first, second
+
+
 async def test_the_fetcher_refuses_repeats_during_and_after_its_fetch(
     tmp_path: Path, blob: tuple[Digest, MetaInfo, Path]
 ) -> None:
     digest = blob[0]
-    server = _server(tmp_path)
-    source = Source(blob, fetching=True)
-    server.set_active_sources(source)
-    server.note_swarm_size(15, digest)  # a small swarm
-    first, second, late = RecordingLink("first"), RecordingLink("second"), RecordingLink("late")
-    server._live_links.update({first, second})  # type: ignore[arg-type]
+    server, source, first, second = _fetcher(tmp_path, blob, 15)  # a small swarm
+    late = RecordingLink("late")
     await server._request(first, Request(digest, 1))  # type: ignore[arg-type]
     assert first.sent == [("piece", 1, PIECE)]
     await server._request(second, Request(digest, 1))  # type: ignore[arg-type]
@@ -103,12 +113,7 @@ async def test_in_a_large_swarm_the_fetcher_stops_refusing_once_its_fetch_is_don
     tmp_path: Path, blob: tuple[Digest, MetaInfo, Path]
 ) -> None:
     digest = blob[0]
-    server = _server(tmp_path)
-    source = Source(blob, fetching=True)
-    server.set_active_sources(source)
-    server.note_swarm_size(LARGE_SWARM_PEERS + 1, digest)
-    first, second = RecordingLink("first"), RecordingLink("second")
-    server._live_links.update({first, second})  # type: ignore[arg-type]
+    server, source, first, second = _fetcher(tmp_path, blob, LARGE_SWARM_PEERS + 1)
     await server._request(first, Request(digest, 3))  # type: ignore[arg-type]
     await server._request(second, Request(digest, 3))  # type: ignore[arg-type]
     assert isinstance(second.sent[-1], Reject)  # during the fetch: refused, as everywhere
@@ -139,11 +144,7 @@ async def test_a_piece_the_fetcher_could_not_send_is_not_refused_to_others(
     stalled on its last piece when it did (the first asker had dropped it, everyone else was
     refused while that asker stayed connected)."""
     digest = blob[0]
-    server = _server(tmp_path)
-    source = Source(blob, fetching=True)
-    server.note_swarm_size(2, digest)
-    first, second = RecordingLink("first"), RecordingLink("second")
-    server._live_links.update({first, second})  # type: ignore[arg-type]
+    server, source, first, second = _fetcher(tmp_path, blob, 2)
 
     def closed_file(d: Digest) -> PieceSource | None:
         found = source(d)  # (its file closed: nothing can be read from it)
