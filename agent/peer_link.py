@@ -13,6 +13,7 @@ import secrets
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -26,9 +27,13 @@ from p2preg.wire import (
     Event,
     Message,
     PeerConnection,
+    Piece,
     Role,
 )
 from p2preg.zerocopy import sendfile_all
+
+if TYPE_CHECKING:
+    from agent.incoming_pieces import IncomingPieces
 
 RECEIVE_SIZE = 256 * 1024
 HANDSHAKE_TIMEOUT = 10.0
@@ -67,6 +72,12 @@ class PeerLink:
         sock = getattr(stream, "socket", None)
         self._fd: int | None = sock.fileno() if sock is not None else None
         self._fast_reads = 0
+        # A download connection reports each piece that starts and ends arriving to the
+        # agent's count (agent/incoming_pieces.py), and remembers whether its peer was last
+        # told that we are busy (wire version 3).
+        self.incoming: IncomingPieces | None = None
+        self._arriving = False
+        self.told_busy = False
 
     @property
     def peer_id(self) -> bytes:
@@ -137,8 +148,14 @@ class PeerLink:
                 await self._send_raw(pending)
             if event is not NEED_DATA:
                 assert not isinstance(event, type)
+                if self._arriving and isinstance(event, Piece):
+                    self._arrival_ended()
                 return event
-            self._set_lowat(min(max(self.connection.payload_bytes_needed, 1), PAYLOAD_LOWAT))
+            payload_needed = self.connection.payload_bytes_needed
+            if payload_needed and not self._arriving and self.incoming is not None:
+                self._arriving = True  # a piece's payload has begun to arrive
+                self.incoming.piece_started()
+            self._set_lowat(min(max(payload_needed, 1), PAYLOAD_LOWAT))
             data = await self._receive_bytes()
             if data:
                 await self._download.acquire(len(data))
@@ -151,7 +168,14 @@ class PeerLink:
         if event is NEED_DATA:
             return None
         assert not isinstance(event, type)
+        if self._arriving and isinstance(event, Piece):
+            self._arrival_ended()
         return event
+
+    def _arrival_ended(self) -> None:
+        self._arriving = False
+        assert self.incoming is not None
+        self.incoming.piece_ended()
 
     async def _receive_bytes(self) -> bytes:
         """Up to RECEIVE_SIZE bytes (b"": the peer closed). Reads the socket at once when it
@@ -255,6 +279,8 @@ class PeerLink:
 
     async def aclose(self) -> None:
         self._fd = None  # (the number may be reused once the socket is closed)
+        if self._arriving:  # (a piece cut off mid-payload no longer arrives)
+            self._arrival_ended()
         with trio.CancelScope(shield=True):
             await trio.aclose_forcefully(self.stream)
 
@@ -267,6 +293,8 @@ class PeerIdentity:
     secret: bytes
     upload: RateLimiter
     download: RateLimiter
+    # The pieces arriving on the connections it dials (None: not counted, nothing told).
+    incoming: IncomingPieces | None = None
 
     async def dial(self, address: str, *, connect_timeout: float = 5.0) -> PeerLink:
         """Connect to ``host:port`` (as a tracker or discovery advertises it) and handshake."""
@@ -284,6 +312,7 @@ class PeerIdentity:
             connect_timeout=connect_timeout,
         )
         link.address = address
+        link.incoming = self.incoming
         return link
 
 

@@ -31,6 +31,7 @@ from p2preg.token_bucket import RateLimiter
 from p2preg.upload_order import serve_neediest_first, upload_rank
 from p2preg.wire import (
     BitfieldMsg,
+    Busy,
     Cancel,
     ConnectionClosed,
     Error,
@@ -69,34 +70,38 @@ class UploadSlots:
     Store and forward: a piece is useful to its receiver (who passes it on) only once it is
     whole. Sending k pieces at once at 1/k of the uplink each delays every one of them k-fold;
     sending a few at a time at full rate lets the first receivers forward sooner. The next slot
-    goes to the waiting request of lowest p2preg.upload_order rank (the piece this agent has
-    sent least often; in a swarm that is not large, then the requester holding fewest pieces),
-    then to the one that waited longest.
+    goes to the waiting request of lowest p2preg.upload_order rank (a requester that is not
+    busy receiving from others; then the piece this agent has sent least often; in a swarm that
+    is not large, then the requester holding fewest pieces), then to the one that waited
+    longest.
     """
 
     def __init__(self, slots: int) -> None:
         self._limit = slots
         self._free = slots  # below zero after a resize down, until enough sends end
-        # (arrival number, (digest, piece), pieces the requester holds now, granted)
-        self._waiting: list[tuple[int, tuple[Digest, int], Callable[[], int], trio.Event]] = []
+        self._waiting: list[_Waiter] = []
         self._seq = 0
         self.sent: collections.Counter[tuple[Digest, int]] = collections.Counter()
         self.neediest_first = serve_neediest_first(None)  # set with the swarm's size
 
     @contextlib.asynccontextmanager
     async def slot(
-        self, key: tuple[Digest, int], requester_held: Callable[[], int] = lambda: 0
+        self,
+        key: tuple[Digest, int],
+        requester_held: Callable[[], int] = lambda: 0,
+        requester_busy: Callable[[], bool] = lambda: False,
     ) -> AsyncIterator[None]:
         """Hold one of the slots while sending piece ``key`` to a peer; ``requester_held()``
-        is how many pieces of that blob it holds (its latest progress message)."""
+        is how many pieces of that blob it holds (its latest progress message) and
+        ``requester_busy()`` whether it said it is busy (its latest busy message)."""
         if self._free > 0 and not self._waiting:
             self._free -= 1
         else:
             self._seq += 1
-            entry = (self._seq, key, requester_held, trio.Event())
+            entry = _Waiter(self._seq, key, requester_held, requester_busy, trio.Event())
             self._waiting.append(entry)
             try:
-                await entry[3].wait()
+                await entry.granted.wait()
             except BaseException:
                 if entry in self._waiting:
                     self._waiting.remove(entry)
@@ -127,15 +132,26 @@ class UploadSlots:
         self._grant()
 
     def _grant(self) -> None:
-        def rank(
-            entry: tuple[int, tuple[Digest, int], Callable[[], int], trio.Event],
-        ) -> tuple[int, int, int]:
-            seq, key, requester_held, _ = entry
-            return (*upload_rank(self.sent[key], requester_held(), self.neediest_first), seq)
+        def rank(entry: _Waiter) -> tuple[int, int, int, int]:
+            order = upload_rank(
+                self.sent[entry.key], entry.held(), self.neediest_first, entry.busy()
+            )
+            return (*order, entry.seq)
 
         best = min(self._waiting, key=rank)
         self._waiting.remove(best)
-        best[3].set()  # the slot passes straight to it
+        best.granted.set()  # the slot passes straight to it
+
+
+@dataclass(slots=True, eq=False)
+class _Waiter:
+    """A request waiting for an upload slot."""
+
+    seq: int  # arrival number
+    key: tuple[Digest, int]  # (blob, piece)
+    held: Callable[[], int]  # pieces of the blob the requester holds, as it told us
+    busy: Callable[[], bool]  # whether the requester said it is busy
+    granted: trio.Event
 
 
 @dataclass(slots=True)
@@ -164,10 +180,14 @@ class _Subscriber:
     requests: collections.deque[Request] = field(default_factory=collections.deque)
     request_ready: trio.Event = field(default_factory=trio.Event)
     held: dict[Digest, int] = field(default_factory=dict)  # its last progress per blob
+    busy: bool = False  # its last busy message (wire version 3)
 
     def held_of(self, digest: Digest) -> Callable[[], int]:
         """How many pieces of ``digest`` it holds, as it last told us (0: not told)."""
         return lambda: self.held.get(digest, 0)
+
+    def is_busy(self) -> bool:
+        return self.busy
 
 
 class PeerServer:
@@ -353,6 +373,8 @@ class PeerServer:
             else:
                 subscriber.requests.append(event)
                 subscriber.request_ready.set()
+        elif isinstance(event, Busy):
+            subscriber.busy = event.busy
         elif isinstance(event, Progress):
             if subscriber in self._subscribers.get(event.digest, ()):
                 subscriber.held[event.digest] = event.held  # (only blobs it is served)
@@ -475,7 +497,9 @@ class PeerServer:
                 subscriber.request_ready = trio.Event()
                 continue
             head = subscriber.requests[0]
-            async with self._slots.slot((head.digest, head.index), subscriber.held_of(head.digest)):
+            async with self._slots.slot(
+                (head.digest, head.index), subscriber.held_of(head.digest), subscriber.is_busy
+            ):
                 # Taken only now: a Cancel that came while we waited for the slot still counts.
                 if subscriber.requests:
                     await self._request(subscriber.link, subscriber.requests.popleft())

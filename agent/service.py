@@ -15,6 +15,7 @@ from agent.blob_downloads import BlobDownloads, Download
 from agent.content_store import ContentStore
 from agent.discovery import Discovery
 from agent.docker_config import load_docker_config
+from agent.incoming_pieces import IncomingPieces
 from agent.manifest_service import ManifestService
 from agent.origin_client import OriginClient
 from agent.peer_directory import PeerDirectory
@@ -123,7 +124,9 @@ async def run_agent(
                     tracker_urls.append(embedded.url)
                 mdns = config.discovery == "mdns"
                 if tracker_urls or mdns:
-                    identity = PeerIdentity(peer_id, secret, upload, download)
+                    incoming = IncomingPieces()
+                    nursery.start_soon(incoming.run)
+                    identity = PeerIdentity(peer_id, secret, upload, download, incoming)
                     tracker = TrackerClient(tracker_urls, peer_id, secret, discovery=mdns)
                     directory = None
                     if mdns:

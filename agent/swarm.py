@@ -34,6 +34,7 @@ from p2preg.swarm_limits import download_peers
 from p2preg.upload_order import serve_neediest_first
 from p2preg.wire import (
     BitfieldMsg,
+    Busy,
     Cancel,
     ConnectionClosed,
     Error,
@@ -97,6 +98,8 @@ class Swarm:
         self.digest = digest
         self.assembly = assembly
         self._identity = identity
+        # What we receive at once, and whether our peers know we are busy (tests: None)
+        self._incoming = identity.incoming if identity is not None else None
         self._banned = banned
         self._piece_timeout = piece_timeout
         self._on_bad_peer = on_bad_peer
@@ -207,6 +210,8 @@ class Swarm:
                 return
             peer = _Peer(link)
             self.peers[link.peer_id] = peer
+            if self._incoming is not None:  # (it ranks our requests there)
+                self._incoming.watch(link, lambda: bool(peer.in_flight))
             await link.send(Interest(self.digest))
             await self._read(peer)
         except (PeerGone, RemoteProtocolError, LocalProtocolError, ValueError) as exc:
@@ -225,6 +230,8 @@ class Swarm:
     def _forget(self, peer: _Peer) -> None:
         if self.peers.get(peer.link.peer_id) is peer:
             del self.peers[peer.link.peer_id]
+        if self._incoming is not None:
+            self._incoming.unwatch(peer.link)
         if peer.counted:
             self.picker.remove_peer(peer.held)
             peer.counted = False
@@ -406,11 +413,17 @@ class Swarm:
             # pieces that others hold already; a moved request it refuses starts queueing anew.)
             chosen = await self._take_over(peer, room, now)
         peer.dry_at = -1 if chosen else self._picks_changed
-        # The progress first (it ranks the requests), then the requests: one write.
+        # Whether we are busy and our progress first (they rank the requests), then the
+        # requests: one write.
+        messages: list[Busy | Progress | Request] = []
+        incoming = self._incoming
+        if chosen and incoming is not None and (busy := incoming.due(peer.link)) is not None:
+            messages.append(busy)
         progress = self._progress_for(peer) if peer.in_flight else None
+        if progress is not None:
+            messages.append(progress)
         if chosen:
             log.debug("requested %s of %s from %s", chosen, self.digest, peer.link.address)
-        messages: list[Progress | Request] = [progress] if progress is not None else []
         messages += [Request(self.digest, index) for index in chosen]
         if messages:
             await peer.link.send_many(messages)

@@ -45,7 +45,8 @@ from p2preg.errors import LocalProtocolError, RegistryError, RemoteProtocolError
 from p2preg.metainfo import MetaInfo
 
 # 2: the progress message (a downloader tells its peers how many pieces it holds).
-PROTOCOL_VERSION: Final = 2
+# 3: the busy message (a downloader tells its peers whether it receives many pieces at once).
+PROTOCOL_VERSION: Final = 3
 ID_LENGTH: Final = 16
 NONCE_LENGTH: Final = 32
 MAC_LENGTH: Final = 32
@@ -171,6 +172,15 @@ class Progress:
 
 
 @dataclass(frozen=True, slots=True)
+class Busy:
+    """I am receiving many pieces at once (p2preg.upload_order.BUSY_INCOMING_PIECES), over all
+    my connections, or no longer: serve requesters that are not busy first. To the peers I have
+    requests at, when it changes; not about one blob (the downlink is shared)."""
+
+    busy: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Piece:
     """A piece and its payload. On the wire the payload follows the frame as raw bytes."""
 
@@ -247,6 +257,7 @@ Message: TypeAlias = (
     | Have
     | Request
     | Progress
+    | Busy
     | Piece
     | Cancel
     | Reject
@@ -268,6 +279,7 @@ _TYPE_NAMES: Final[Mapping[type, str]] = MappingProxyType(
         Have: "have",
         Request: "request",
         Progress: "progress",
+        Busy: "busy",
         Piece: "piece",
         Cancel: "cancel",
         Reject: "reject",
@@ -291,6 +303,7 @@ _SCHEMAS: Final[Mapping[str, frozenset[str]]] = MappingProxyType(
         "have": frozenset({"d", "i"}),
         "request": frozenset({"d", "i"}),
         "progress": frozenset({"d", "h"}),
+        "busy": frozenset({"b"}),
         "piece": frozenset({"d", "i", "n"}),
         "cancel": frozenset({"d", "i"}),
         "reject": frozenset({"d", "i", "why"}),
@@ -718,6 +731,8 @@ def _to_wire(message: Message) -> dict[str, Any]:
             return {"d": str(message.digest), "i": message.index}
         case Progress():
             return {"d": str(message.digest), "h": message.held}
+        case Busy():
+            return {"b": message.busy}
         case Piece():
             return {"d": str(message.digest), "i": message.index, "n": len(message.data)}
         case Reject():
@@ -823,6 +838,12 @@ class _Fields:
             self.fail(key, f"= {value} is out of range {low}..{high}")
         return value
 
+    def get_bool(self, key: str) -> bool:
+        value = self.obj[key]
+        if not isinstance(value, bool):
+            self.fail(key, f"must be true or false, not {type(value).__name__}")
+        return value
+
     def get_bytes(self, key: str, length: int) -> bytes:
         value = self.obj[key]
         if not isinstance(value, bytes):
@@ -912,6 +933,7 @@ _DECODERS: Final[Mapping[str, Callable[[_Fields], Message | _PieceHeader]]] = Ma
         "have": lambda f: Have(f.get_digest(), f.get_int("i", 0, MAX_INDEX)),
         "request": lambda f: Request(f.get_digest(), f.get_int("i", 0, MAX_INDEX)),
         "progress": lambda f: Progress(f.get_digest(), f.get_int("h", 0, MAX_INDEX)),
+        "busy": lambda f: Busy(f.get_bool("b")),
         "piece": _decode_piece,
         "cancel": lambda f: Cancel(f.get_digest(), f.get_int("i", 0, MAX_INDEX)),
         "reject": lambda f: Reject(

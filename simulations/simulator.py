@@ -73,7 +73,7 @@ from p2preg.swarm_limits import (
     upload_slots,
 )
 from p2preg.units import format_size, parse_duration, parse_size
-from p2preg.upload_order import serve_neediest_first, upload_rank
+from p2preg.upload_order import BUSY_INCOMING_PIECES, serve_neediest_first, upload_rank
 from simulations.sim_bounds import kumar_ross_bound, zone_bound
 from simulations.sim_fast import FastShuffleRandom, PieceSet, install_piece_sets
 
@@ -199,6 +199,7 @@ class _Node:
         "addr_index",
         "addresses",
         "alive",
+        "arriving",
         "died_at",
         "done_at",
         "down",
@@ -267,6 +268,9 @@ class _Node:
         self.swarm_count: int | None = None  # the tracker's count at its last announce
         self.n_up = 0  # active flows out
         self.n_down = 0  # active flows in
+        # Pieces arriving from peers at once: at BUSY_INCOMING_PIECES it is busy, and its
+        # requests wait behind those of requesters that are not (p2preg.upload_order).
+        self.arriving = 0
         self.share = down  # down / n_down: each flow's equal share of the download (_cap)
         self.rated_up = 0  # n_up when this node's flows were last re-rated
         self.rated_down = 0
@@ -288,7 +292,7 @@ class _Node:
         self.sending: list[_Conn] = []  # active flows out (at most slot_limit)
         self.n_waiting = 0  # connections waiting for a slot (their token: _Conn.wait_*)
         # (upload_rank of its head request, arrival, tie-break, push number, conn) (_grant)
-        self.wait_heap: list[tuple[tuple[int, int], float, float, int, _Conn]] = []
+        self.wait_heap: list[tuple[tuple[int, int, int], float, float, int, _Conn]] = []
         self.sent = bytearray(0)
         self.served: list[_Conn | None] = []  # per piece (allocated when the node starts)
 
@@ -332,6 +336,8 @@ class _Conn:
         "tdue",
         "ver",
         "wait_at",
+        "wait_push",
+        "wait_rank",
         "wait_tie",
         "waiting",
     )
@@ -353,6 +359,8 @@ class _Conn:
         self.waiting = False  # its head request waits for an upload slot, since ...
         self.wait_at = 0.0  # ... this time, with this random tie-break (_send, _grant)
         self.wait_tie = 0.0
+        self.wait_push = 0  # its current entry in the sender's wait_heap (older ones are stale)
+        self.wait_rank: tuple[int, int, int] = (0, 0, 0)  # ... and that entry's rank
         self.open = True
         self.dry = False  # the last pick found nothing more to ask this peer
         self.refused: dict[int, float] = {}  # piece -> when this peer refused it
@@ -924,7 +932,11 @@ class Simulator:
         self.pushes += 1
         # (The requester's count as it is now: an agent tells the peers it waits at at most
         # 0.25 s late, agent/swarm.py _tell_progress; a few pieces' difference.)
-        rank = upload_rank(src.sent[c.queue[0]], len(c.dst.have), src.neediest_first)
+        dst = c.dst
+        busy = dst.arriving >= BUSY_INCOMING_PIECES
+        rank = upload_rank(src.sent[c.queue[0]], len(dst.have), src.neediest_first, busy)
+        c.wait_push = self.pushes
+        c.wait_rank = rank
         heappush(src.wait_heap, (rank, now, tie, self.pushes, c))
         if src.slots > 0:
             self.grant[src] = None
@@ -972,17 +984,23 @@ class Simulator:
         heap = src.wait_heap
         while src.slots > 0 and src.n_waiting and src.alive:
             # A heap of (rank of the head request when pushed, arrival, random, push number,
-            # conn). Ranks only grow (sent counts do), so an entry whose rank is stale is
-            # re-pushed with the current one, and the first up-to-date entry is the agent's
-            # min(). (A swarm growing past the size where the requester's count stops counting
-            # lowers ranks; that rare change may serve a few requests out of order.)
-            # Entries of connections that stopped waiting (or waited again since) are dropped.
-            rank, at, tie, _, best = heappop(heap)
-            if not best.waiting or best.wait_tie != tie or best.wait_at != at:
+            # conn). Sent counts only grow, and so do ranks, but for the requester's busy flag:
+            # a requester that stops being busy has its waiting requests pushed again with
+            # their lower rank (_arrival_ended). So an entry whose rank is stale is re-pushed
+            # with the current one, and the first up-to-date entry is the agent's min(). (A
+            # swarm growing past the size where the requester's count stops counting lowers
+            # ranks; that rare change may serve a few requests out of order.) Entries of
+            # connections that stopped waiting, or were pushed again since, are dropped.
+            rank, at, tie, push, best = heappop(heap)
+            if not best.waiting or best.wait_push != push:
                 continue
-            current = upload_rank(sent[best.queue[0]], len(best.dst.have), src.neediest_first)
+            dst = best.dst
+            busy = dst.arriving >= BUSY_INCOMING_PIECES
+            current = upload_rank(sent[best.queue[0]], len(dst.have), src.neediest_first, busy)
             if current != rank:
                 self.pushes += 1
+                best.wait_push = self.pushes
+                best.wait_rank = current
                 heappush(heap, (current, at, tie, self.pushes, best))
                 continue
             best.waiting = False
@@ -1027,6 +1045,8 @@ class Simulator:
         src.n_up += 1
         dst.n_down += 1
         dst.share = dst.down / dst.n_down
+        if src is not self.origin:
+            dst.arriving += 1
         self.dirty[src] = None
         self.dirty[dst] = None
         link = c.link
@@ -1047,6 +1067,10 @@ class Simulator:
         dst.n_down -= 1
         if dst.n_down:
             dst.share = dst.down / dst.n_down
+        if src is not self.origin:
+            dst.arriving -= 1
+            if dst.arriving == BUSY_INCOMING_PIECES - 1:
+                self._arrival_ended(dst)
         self.dirty[src] = None
         self.dirty[dst] = None
         link = c.link
@@ -1056,6 +1080,26 @@ class Simulator:
                 link.share = link.cap / link.n
             del link.conns[c]
             self.dirty_links[link] = None
+
+    def _arrival_ended(self, node: _Node) -> None:
+        """``node`` is no longer busy (it tells its peers at once, agent/incoming_pieces.py):
+        its waiting requests rank lower now, so they take their new place at their senders
+        (the ones queued while it was busy: the others' entries are up to date)."""
+        for c in node.downloads.values():
+            if c.waiting and c.wait_rank[0]:
+                self._wait_again(c)
+
+    def _wait_again(self, c: _Conn) -> None:
+        """``c``'s waiting head request gets a new entry at its sender, with its current rank
+        (the same arrival and tie-break: only the rank may have changed)."""
+        src, dst = c.src, c.dst
+        self.pushes += 1
+        c.wait_push = self.pushes
+        busy = dst.arriving >= BUSY_INCOMING_PIECES
+        rank = c.wait_rank = upload_rank(
+            src.sent[c.queue[0]], len(dst.have), src.neediest_first, busy
+        )
+        heappush(src.wait_heap, (rank, c.wait_at, c.wait_tie, self.pushes, c))
 
     def _piece_done(self, c: _Conn, now: float) -> None:
         """The head piece of ``c`` arrived (the hot path: written for speed)."""
@@ -1218,11 +1262,7 @@ class Simulator:
                 elif not c.queue:
                     self._unwait(c)
                 elif c.waiting:  # a new head: its place among the waiters may be earlier
-                    src = c.src
-                    self.pushes += 1
-                    rank = upload_rank(src.sent[c.queue[0]], len(c.dst.have), src.neediest_first)
-                    entry = (rank, c.wait_at, c.wait_tie, self.pushes, c)
-                    heappush(src.wait_heap, entry)
+                    self._wait_again(c)
 
     def _fill(self, c: _Conn, now: float) -> None:
         """Top up a connection's requests to ``depth`` with the picker's choices.

@@ -170,6 +170,7 @@ class SwarmLink:
         self.address = name
         self.peer_id = name.encode()
         self.sent: list[object] = []
+        self.told_busy = False  # (agent/incoming_pieces.py)
 
     async def send(self, message: object) -> None:
         self.sent.append(message)

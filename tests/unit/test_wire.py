@@ -36,6 +36,7 @@ from p2preg.wire import (
     Auth,
     Authenticated,
     BitfieldMsg,
+    Busy,
     Cancel,
     ConnectionClosed,
     Error,
@@ -177,6 +178,7 @@ data_messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(Have, digests, indexes),
     st.builds(Request, digests, indexes),
     st.builds(Progress, digests, indexes),
+    st.builds(Busy, st.booleans()),
     st.builds(Piece, digests, indexes, st.binary(max_size=2048)),
     st.builds(Cancel, digests, indexes),
     st.builds(Reject, digests, st.integers(-1, MAX_INDEX), st.text(max_size=MAX_TEXT)),
@@ -300,7 +302,7 @@ def test_connecting_to_self_is_refused() -> None:
         feed(listener, dialer.initiate())
 
 
-@pytest.mark.parametrize("version", [0, 1, 3, 1 << 40])
+@pytest.mark.parametrize("version", [0, 1, 2, 4, 1 << 40])
 def test_version_mismatch_is_refused(version: int) -> None:
     _, listener = make_pair()
     hello = frame({"t": "hello", "v": version, "id": DIALER_ID, "nonce": NONCE_D, "new": 1})
@@ -560,6 +562,10 @@ BAD_FRAMES = [
     (frame({"t": "progress", "d": GOOD_D}), "progress is missing field"),
     (frame({"t": "progress", "d": GOOD_D, "h": -1}), "out of range"),
     (frame({"t": "progress", "d": GOOD_D, "h": "7"}), r"progress\.h must be an integer"),
+    (frame({"t": "busy"}), "busy is missing field"),
+    (frame({"t": "busy", "b": 1}), r"busy\.b must be true or false, not int"),
+    (frame({"t": "busy", "b": None}), r"busy\.b must be true or false"),
+    (frame({"t": "busy", "b": True, "d": GOOD_D}), "busy has unexpected field"),
     (frame({"t": "interest", "d": "sha256:../../etc/passwd"}), "not a valid digest"),
     (frame({"t": "interest", "d": "md5:" + "ab" * 16}), "not a valid digest"),
     (frame({"t": "interest", "d": "sha256:" + "AB" * 32}), "not a valid digest"),
@@ -710,6 +716,7 @@ EVENT_TYPES = (
     BitfieldMsg,
     Have,
     Request,
+    Busy,
     Progress,
     Piece,
     Cancel,
