@@ -28,7 +28,7 @@ from p2preg.errors import ConfigError, LocalProtocolError, RemoteProtocolError
 from p2preg.metainfo import MetaInfo, piece_count, piece_hash, piece_length_for
 from p2preg.swarm_limits import super_seed_after_fetch, upload_slots
 from p2preg.token_bucket import RateLimiter
-from p2preg.upload_order import serve_neediest_first, upload_rank
+from p2preg.upload_order import upload_rank
 from p2preg.wire import (
     BitfieldMsg,
     Busy,
@@ -71,9 +71,8 @@ class UploadSlots:
     whole. Sending k pieces at once at 1/k of the uplink each delays every one of them k-fold;
     sending a few at a time at full rate lets the first receivers forward sooner. The next slot
     goes to the waiting request of lowest p2preg.upload_order rank (a requester that is not
-    busy receiving from others; then the piece this agent has sent least often; in a swarm that
-    is not large, then the requester holding fewest pieces), then to the one that waited
-    longest.
+    busy receiving from others; then the piece this agent has sent least often; then the
+    requester holding fewest pieces), then to the one that waited longest.
     """
 
     def __init__(self, slots: int) -> None:
@@ -82,7 +81,6 @@ class UploadSlots:
         self._waiting: list[_Waiter] = []
         self._seq = 0
         self.sent: collections.Counter[tuple[Digest, int]] = collections.Counter()
-        self.neediest_first = serve_neediest_first(None)  # set with the swarm's size
 
     @contextlib.asynccontextmanager
     async def slot(
@@ -133,10 +131,7 @@ class UploadSlots:
 
     def _grant(self) -> None:
         def rank(entry: _Waiter) -> tuple[int, int, int, int]:
-            order = upload_rank(
-                self.sent[entry.key], entry.held(), self.neediest_first, entry.busy()
-            )
-            return (*order, entry.seq)
+            return (*upload_rank(self.sent[entry.key], entry.held(), entry.busy()), entry.seq)
 
         best = min(self._waiting, key=rank)
         self._waiting.remove(best)
@@ -224,12 +219,10 @@ class PeerServer:
 
     def note_swarm_size(self, peers: int, digest: Digest | None = None) -> None:
         """The tracker just counted ``peers`` other peers of ``digest``: size the upload slots
-        and choose their order for a swarm that large (p2preg.swarm_limits,
-        p2preg.upload_order; the latest announce decides), and remember the count for
-        super-seeding that blob."""
+        for a swarm that large (p2preg.swarm_limits; the latest announce decides), and remember
+        the count for super-seeding that blob."""
         if digest is not None:
             _remember(self._swarm_counts, digest, peers)
-        self._slots.neediest_first = serve_neediest_first(peers)
         slots = upload_slots(peers)
         if slots != self._slots.limit:
             log.info("upload slots: %d (a swarm of %d other peers)", slots, peers)

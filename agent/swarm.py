@@ -31,7 +31,6 @@ from p2preg.errors import LocalProtocolError, RemoteProtocolError
 from p2preg.metainfo import MetaInfo
 from p2preg.piece_picker import PiecePicker, queued_to_take_over
 from p2preg.swarm_limits import download_peers
-from p2preg.upload_order import serve_neediest_first
 from p2preg.wire import (
     BitfieldMsg,
     Busy,
@@ -369,16 +368,15 @@ class Swarm:
 
     async def _tell_progress(self, peer: _Peer) -> None:
         """Tell ``peer`` how many pieces we hold if that changed (at most every
-        PROGRESS_INTERVAL): in a swarm that is not large it serves the requesters holding
-        fewest first (p2preg.upload_order). Only peers we ask something of need it."""
+        PROGRESS_INTERVAL): it serves the requesters holding fewest first, among those that
+        are not busy, for equally fresh pieces (p2preg.upload_order). Only peers we ask
+        something of need it."""
         progress = self._progress_for(peer)
         if progress is not None:
             await peer.link.send(progress)
 
     def _progress_for(self, peer: _Peer) -> Progress | None:
         """The progress message ``peer`` is due (see _tell_progress), marked as told; or None."""
-        if not serve_neediest_first(self._swarm_count):
-            return None  # (their order does not read it)
         held = len(self.assembly.pieces)
         now = trio.current_time()
         if held != peer.progress_told and now - peer.progress_told_at >= PROGRESS_INTERVAL:

@@ -30,10 +30,9 @@ A lower rank is served first; equal ranks go to the request that waited longest.
    MiB @ 4 MiB/s, 10 seeds).
 1. The piece this agent has sent least often. A piece nobody has from us yet spreads the swarm;
    another copy of one we already sent can also come from the peer we sent it to.
-2. In a swarm of at most ``LARGE_SWARM_PEERS`` other peers (p2preg.swarm_limits, the size the
-   tracker counts): the requester that holds the fewest pieces of the blob, as its latest
-   ``progress`` message says (wire protocol version 2: a downloader tells the peers it has
-   requests at when its count changed, at most every 0.25 s). A rollout ends when its last
+2. The requester that holds the fewest pieces of the blob, as its latest ``progress`` message
+   says (wire protocol version 2: a downloader tells the peers it has requests at when its
+   count changed, at most every 0.25 s). A rollout ends when its last
    node does; without this, a node that fell behind waits in every queue behind nodes that are
    ahead of it, and stays behind. The count is the requester's word (only authenticated cluster
    members connect): one that always says 0 is served first among equally fresh pieces, which
@@ -67,30 +66,33 @@ pieces, mean of 5 seeds, p50 / mean max / worst max):
 and 512 MiB @ 50 MiB/s (512 pieces): 32 nodes 1.32/1.58/1.82 -> 1.42/1.44/1.47, 64 nodes
 1.31/1.76/1.90 -> 1.28/1.42/1.57. Up to a few hundred nodes the slowest node of a 1 GiB rollout
 gains 15-27%; the median may lose a little (16 and 32 nodes). In large swarms (32 download peers
-each, p2preg.swarm_limits) the nodes that are ahead are the ones that pass new pieces on, and
-serving the laggards first slows everyone; there the count is ignored. (A coarser count, in
-buckets of 32 pieces, or "behind me by more than 16 pieces", gained less at 200 nodes, max 1.67
-and 1.74, and about nothing at 1,000: 1.71 and 1.68.)
+each, p2preg.swarm_limits) the nodes that are ahead were the ones that passed new pieces on, and
+serving the laggards first slowed everyone (the last row above), so until busy requesters
+waited (rank 0) the count was ignored in swarms of more than ``LARGE_SWARM_PEERS`` others. (A
+coarser count, in buckets of 32 pieces, or "behind me by more than 16 pieces", gained less at
+200 nodes, max 1.67 and 1.74, and about nothing at 1,000: 1.71 and 1.68.) With rank 0 it pays
+there too: nodes behind were those whose requests waited at senders that served fresher pieces
+first (at 1,000 nodes the slowest five were among the first hundred to start, whose peers were
+the most asked-of nodes), and with receivers no longer crowded the fewest-held order catches
+them up instead of slowing the leaders. p50 / p99 / max x the bound, 1 GiB @ 100 MiB/s:
+
+    nodes (seed)           not busy, least sent   + fewest pieces held
+    1,000 (1)              1.32/1.39/1.68         1.29/1.31/1.31
+    1,000 (2)              1.32/1.38/1.45         1.29/1.30/1.34
+    1,000, 3 zones (1)     1.26/1.62/1.91         1.26/1.39/1.45
+    10,000 (1)             1.46/1.50/1.57         1.40/1.42/1.42
 """
 
 from __future__ import annotations
-
-from p2preg.swarm_limits import LARGE_SWARM_PEERS
 
 # A downloader receiving this many pieces at once (from different peers) says it is busy.
 BUSY_INCOMING_PIECES = 3
 
 
-def serve_neediest_first(swarm_peers: int | None) -> bool:
-    """Whether requesters holding fewer pieces go first, in a swarm of ``swarm_peers`` other
-    peers (None: not known yet, as in a large swarm)."""
-    return swarm_peers is not None and swarm_peers <= LARGE_SWARM_PEERS
-
-
 def upload_rank(
-    times_sent: int, requester_held: int, neediest_first: bool, requester_busy: bool = False
+    times_sent: int, requester_held: int, requester_busy: bool = False
 ) -> tuple[int, int, int]:
     """The rank of a waiting request for a piece this agent has sent ``times_sent`` times, from
     a requester holding ``requester_held`` pieces of that blob that said it is busy or not
     (``requester_busy``). Lower goes first."""
-    return (1 if requester_busy else 0, times_sent, requester_held if neediest_first else 0)
+    return (1 if requester_busy else 0, times_sent, requester_held)

@@ -18,8 +18,9 @@ A discrete-event, flow-level model (docs/simulator.md has the whole story):
   swarm made no progress for the stall timeout takes the lease once it expires (holder dead or
   done) and streams the rest from the origin.
 * As the agent's peer server: a node sends at most ``upload_slots(swarm size)`` pieces at once
-  (p2preg.swarm_limits) in p2preg.upload_order (the least-sent piece first; in swarms that are
-  not large the requester holding fewest pieces next; then the longest waiting request), and the
+  (p2preg.swarm_limits) in p2preg.upload_order (requesters that are not busy receiving from
+  others first, then the least-sent piece, then the requester holding fewest pieces, then the
+  longest waiting request), and the
   origin fetcher refuses a piece it already sent to a peer that is still connected
   (super-seeding, during and after its fetch); refused requesters back off. A peer a node asks
   nothing of takes over its requests queued behind another elsewhere
@@ -73,7 +74,7 @@ from p2preg.swarm_limits import (
     upload_slots,
 )
 from p2preg.units import format_size, parse_duration, parse_size
-from p2preg.upload_order import BUSY_INCOMING_PIECES, serve_neediest_first, upload_rank
+from p2preg.upload_order import BUSY_INCOMING_PIECES, upload_rank
 from simulations.sim_bounds import kumar_ross_bound, zone_bound
 from simulations.sim_fast import FastShuffleRandom, PieceSet, install_piece_sets
 
@@ -215,7 +216,6 @@ class _Node:
         "n_down",
         "n_up",
         "n_waiting",
-        "neediest_first",
         "next_handout",
         "origin_conn",
         "peer_id",
@@ -288,7 +288,6 @@ class _Node:
         # each piece was sent, and to whom each piece was last sent (super-seeding).
         self.slot_limit = upload_slots(None)  # resized at every announce, as the agent's
         self.slots = self.slot_limit  # free ones (below zero after a resize down)
-        self.neediest_first = serve_neediest_first(None)  # its order (p2preg.upload_order)
         self.sending: list[_Conn] = []  # active flows out (at most slot_limit)
         self.n_waiting = 0  # connections waiting for a slot (their token: _Conn.wait_*)
         # (upload_rank of its head request, arrival, tie-break, push number, conn) (_grant)
@@ -934,7 +933,7 @@ class Simulator:
         # 0.25 s late, agent/swarm.py _tell_progress; a few pieces' difference.)
         dst = c.dst
         busy = dst.arriving >= BUSY_INCOMING_PIECES
-        rank = upload_rank(src.sent[c.queue[0]], len(dst.have), src.neediest_first, busy)
+        rank = upload_rank(src.sent[c.queue[0]], len(dst.have), busy)
         c.wait_push = self.pushes
         c.wait_rank = rank
         heappush(src.wait_heap, (rank, now, tie, self.pushes, c))
@@ -976,27 +975,26 @@ class Simulator:
             self.grant[src] = None
 
     def _grant(self, src: _Node, now: float) -> None:
-        """Free slots go to the waiting requests of lowest p2preg.upload_order rank (the
-        piece ``src`` has sent least often, then, in a swarm that is not large, the requester
+        """Free slots go to the waiting requests of lowest p2preg.upload_order rank (requesters
+        that are not busy, then the piece ``src`` has sent least often, then the requester
         holding fewest pieces), then to the ones that waited longest (agent/peer_server.py,
         UploadSlots)."""
         sent = src.sent
         heap = src.wait_heap
         while src.slots > 0 and src.n_waiting and src.alive:
             # A heap of (rank of the head request when pushed, arrival, random, push number,
-            # conn). Sent counts only grow, and so do ranks, but for the requester's busy flag:
-            # a requester that stops being busy has its waiting requests pushed again with
-            # their lower rank (_arrival_ended). So an entry whose rank is stale is re-pushed
-            # with the current one, and the first up-to-date entry is the agent's min(). (A
-            # swarm growing past the size where the requester's count stops counting lowers
-            # ranks; that rare change may serve a few requests out of order.) Entries of
-            # connections that stopped waiting, or were pushed again since, are dropped.
+            # conn). Sent and held counts only grow, and so do ranks, but for the requester's
+            # busy flag: a requester that stops being busy has its waiting requests pushed
+            # again with their lower rank (_arrival_ended). So an entry whose rank is stale is
+            # re-pushed with the current one, and the first up-to-date entry is the agent's
+            # min(). Entries of connections that stopped waiting, or were pushed again since,
+            # are dropped.
             rank, at, tie, push, best = heappop(heap)
             if not best.waiting or best.wait_push != push:
                 continue
             dst = best.dst
             busy = dst.arriving >= BUSY_INCOMING_PIECES
-            current = upload_rank(sent[best.queue[0]], len(dst.have), src.neediest_first, busy)
+            current = upload_rank(sent[best.queue[0]], len(dst.have), busy)
             if current != rank:
                 self.pushes += 1
                 best.wait_push = self.pushes
@@ -1096,9 +1094,7 @@ class Simulator:
         self.pushes += 1
         c.wait_push = self.pushes
         busy = dst.arriving >= BUSY_INCOMING_PIECES
-        rank = c.wait_rank = upload_rank(
-            src.sent[c.queue[0]], len(dst.have), src.neediest_first, busy
-        )
+        rank = c.wait_rank = upload_rank(src.sent[c.queue[0]], len(dst.have), busy)
         heappush(src.wait_heap, (rank, c.wait_at, c.wait_tie, self.pushes, c))
 
     def _piece_done(self, c: _Conn, now: float) -> None:
@@ -1598,7 +1594,6 @@ class Simulator:
         if limit > node.peer_limit and len(node.downloads) < limit:
             self.dial[node] = None  # room for more peers: dial now (Swarm.note_swarm_size wakes it)
         node.peer_limit = limit
-        node.neediest_first = serve_neediest_first(peers)
         limit = upload_slots(peers)
         if limit != node.slot_limit:
             node.slots += limit - node.slot_limit

@@ -33,9 +33,9 @@ D = Digest.parse("sha256:" + "cd" * 32)
 
 
 def test_policy_a_busy_requester_waits_behind_every_other() -> None:
-    assert upload_rank(9, 0, False, requester_busy=False) < upload_rank(0, 0, False, True)
-    assert upload_rank(0, 0, True, True) < upload_rank(1, 0, True, True)  # then least sent
-    assert upload_rank(3, 0, False) == upload_rank(3, 0, False, False)  # (the default)
+    assert upload_rank(9, 0, requester_busy=False) < upload_rank(0, 0, True)
+    assert upload_rank(0, 9, True) < upload_rank(1, 0, True)  # then least sent
+    assert upload_rank(3, 0) == upload_rank(3, 0, False)  # (the default)
     assert BUSY_INCOMING_PIECES >= 2  # (one piece at a time is not "at once")
 
 

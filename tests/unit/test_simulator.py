@@ -293,7 +293,7 @@ def test_serving_the_neediest_requester_first_shortens_a_mid_size_rollouts_tail(
         return sum(_run(**scenario, seed=seed).percentile(100) for seed in (1, 2)) / 2
 
     with_it = mean_max()
-    monkeypatch.setattr(sim, "serve_neediest_first", lambda swarm_peers: False)
+    monkeypatch.setattr(sim, "upload_rank", lambda sent, held, busy=False: (int(busy), sent, 0))
     without = mean_max()
     assert with_it < 0.9 * without
 
@@ -481,7 +481,6 @@ def test_constants_agree_with_the_agent_and_the_tracker() -> None:
     assert vars(sim)["download_peers"] is vars(swarm)["download_peers"] is download_peers
     assert vars(sim)["upload_rank"] is vars(peer_server)["upload_rank"] is upload_rank
     assert sim.BUSY_INCOMING_PIECES == incoming_pieces.BUSY_INCOMING_PIECES
-    assert vars(sim)["serve_neediest_first"] is vars(peer_server)["serve_neediest_first"]
     assert vars(sim)["super_seed_after_fetch"] is vars(peer_server)["super_seed_after_fetch"]
     assert sim.MAX_IN_FLIGHT == swarm.MAX_IN_FLIGHT
     assert sim.MAX_IN_FLIGHT_BYTES == swarm.MAX_IN_FLIGHT_BYTES

@@ -8,13 +8,12 @@ import trio.testing
 from agent.peer_server import UploadSlots
 from p2preg.digest import Digest
 from p2preg.swarm_limits import (
-    LARGE_SWARM_PEERS,
     SMALL_SWARM_PEERS,
     SMALL_SWARM_UPLOAD_SLOTS,
     UPLOAD_SLOTS,
     upload_slots,
 )
-from p2preg.upload_order import serve_neediest_first, upload_rank
+from p2preg.upload_order import upload_rank
 
 D = Digest.parse("sha256:" + "ab" * 32)
 
@@ -128,11 +127,10 @@ async def test_resizing_up_lets_waiting_sends_start_and_down_lets_running_ones_f
 # -- who is next: p2preg.upload_order -----------------------------------------------------------
 
 
-async def _grant_order(neediest_first: bool, waiters: list[tuple[int, int]]) -> list[int]:
+async def _grant_order(waiters: list[tuple[int, int]]) -> list[int]:
     """Pieces in the order one busy slot serves the ``waiters`` ((piece, requester's pieces held),
     queued in this order); piece 0 holds the slot first."""
     slots = UploadSlots(1)
-    slots.neediest_first = neediest_first
     held = {index: count for index, count in waiters}
     order: list[int] = []
     release = trio.Event()
@@ -158,14 +156,13 @@ async def _grant_order(neediest_first: bool, waiters: list[tuple[int, int]]) -> 
 async def test_the_requester_holding_fewest_pieces_goes_next_among_equally_sent_pieces() -> None:
     waiters = [(1, 40), (2, 30), (3, 50), (4, 5)]  # (piece, pieces its requester holds)
     # Its latest count counts: 3's requester told us 1 just before the slot freed.
-    assert await _grant_order(True, waiters) == [3, 4, 2, 1]
-    # In a large swarm the count is ignored: the longest waiting goes first.
-    assert await _grant_order(False, waiters) == [1, 2, 3, 4]
+    assert await _grant_order(waiters) == [3, 4, 2, 1]
+    # Equal counts: the longest waiting goes first (3's requester told us 1 meanwhile).
+    assert await _grant_order([(1, 7), (2, 7), (3, 7), (4, 7)]) == [3, 1, 2, 4]
 
 
 async def test_a_piece_sent_less_often_still_goes_before_a_needier_requester() -> None:
     slots = UploadSlots(1)
-    slots.neediest_first = True
     slots.sent[(D, 1)] = 2
     order: list[int] = []
     release = trio.Event()
@@ -184,10 +181,6 @@ async def test_a_piece_sent_less_often_still_goes_before_a_needier_requester() -
     assert order == [0, 2, 1]
 
 
-def test_policy_the_count_matters_up_to_the_large_swarm_size() -> None:
-    assert not serve_neediest_first(None)
-    assert serve_neediest_first(0) and serve_neediest_first(LARGE_SWARM_PEERS)
-    assert not serve_neediest_first(LARGE_SWARM_PEERS + 1)
-    assert upload_rank(0, 500, True) < upload_rank(1, 0, True)  # least sent first, always
-    assert upload_rank(1, 3, True) < upload_rank(1, 4, True)
-    assert upload_rank(1, 3, False) == upload_rank(1, 4, False)
+def test_policy_least_sent_then_fewest_held_in_swarms_of_any_size() -> None:
+    assert upload_rank(0, 500) < upload_rank(1, 0)  # least sent first
+    assert upload_rank(1, 3) < upload_rank(1, 4)  # then the requester holding fewest
