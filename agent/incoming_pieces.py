@@ -46,7 +46,7 @@ class IncomingPieces:
         # download connection -> whether we have requests out there (its sender ranks them)
         self._links: dict[PeerLink, Callable[[], bool]] = {}
         self._changed = trio.Event()
-        self.messages_sent = 0  # busy messages sent by run() (the log line at the end reads it)
+        self.messages_sent = 0  # busy messages run() sent (logged as each swarm ends)
 
     def piece_started(self) -> None:
         self.arriving += 1

@@ -417,6 +417,7 @@ class Swarm:
         incoming = self._incoming
         if chosen and incoming is not None and (busy := incoming.due(peer.link)) is not None:
             messages.append(busy)
+            self.stats["busy_with_requests"] += 1
         progress = self._progress_for(peer) if peer.in_flight else None
         if progress is not None:
             messages.append(progress)

@@ -241,10 +241,12 @@ class SwarmCoordinator:
         finally:
             self._peer_server.unwatch_holdings(digest, swarm.pieces_of)
         download.bytes_from_peers = swarm.bytes_from_peers
+        incoming = self._identity.incoming
         log.info(
-            "swarm for %s done: %s",
+            "swarm for %s done: %s; busy messages sent by this agent so far: %d",
             digest,
             ", ".join(f"{key} {value}" for key, value in sorted(swarm.stats.items())),
+            incoming.messages_sent if incoming is not None else 0,
         )
 
     async def _run_swarm(
