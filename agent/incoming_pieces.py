@@ -8,10 +8,11 @@ blobs: they share one downlink) says it is busy; the peers it has requests waiti
 requesters that are not busy first (p2preg.upload_order, where the measurements are).
 
 The flag must be fresh to help: ranked by a count up to 50 ms old, most of the gain was gone in
-the simulator. So a change is sent at once, by one task, to every download connection that has
-requests out (the only ones whose sender ranks us), and it rides along with new requests to the
-others (agent/swarm.py). A connection remembers what its peer was last told (``told_busy``), so
-nothing is sent twice.
+the simulator. So a change is sent at once to every download connection that has requests out
+(the only ones whose sender ranks us), one task per connection being told (a peer that stops
+reading holds up only its own), and it rides along with new requests to the others
+(agent/swarm.py). A connection remembers what its peer was last told (``told_busy``), so nothing
+is sent twice.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class IncomingPieces:
         self._busy_at = busy_at
         # download connection -> whether we have requests out there (its sender ranks them)
         self._links: dict[PeerLink, Callable[[], bool]] = {}
+        self._telling: set[PeerLink] = set()  # a task is sending to these
         self._changed = trio.Event()
         self.messages_sent = 0  # busy messages run() sent (logged as each swarm ends)
 
@@ -76,18 +78,22 @@ class IncomingPieces:
 
     async def run(self) -> None:
         """Tell every watched connection with requests out each change, as it happens."""
-        while True:
-            await self._changed.wait()
-            self._changed = trio.Event()
-            for link, has_requests in list(self._links.items()):
-                if not has_requests():
-                    continue  # (told along with its next requests, agent/swarm.py)
-                message = self.due(link)
-                if message is None:
-                    continue
-                try:
-                    await link.send(message)
-                except (PeerGone, LocalProtocolError) as exc:  # (its own task ends it)
-                    log.debug("busy message to %s: %r", link.address, exc)
-                    continue
+        async with trio.open_nursery() as nursery:
+            while True:
+                await self._changed.wait()
+                self._changed = trio.Event()
+                for link, has_requests in list(self._links.items()):
+                    # (one without requests out is told along with its next ones, Swarm._fill)
+                    if link.told_busy != self.busy and link not in self._telling and has_requests():
+                        self._telling.add(link)
+                        nursery.start_soon(self._tell, link)
+
+    async def _tell(self, link: PeerLink) -> None:
+        try:
+            while (message := self.due(link)) is not None:  # (until it heard the latest)
+                await link.send(message)
                 self.messages_sent += 1
+        except (PeerGone, LocalProtocolError) as exc:  # (the connection's own task ends it)
+            log.debug("busy message to %s: %r", link.address, exc)
+        finally:
+            self._telling.discard(link)

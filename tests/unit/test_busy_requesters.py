@@ -172,6 +172,46 @@ async def test_changes_reach_the_peers_with_requests_out_once_and_the_others_lat
         await listener_b.aclose()
 
 
+async def test_a_peer_that_stops_reading_holds_up_only_its_own_message() -> None:
+    dialer_a, server_a, listener_a = await _link_pair()
+    dialer_b, server_b, listener_b = await _link_pair()
+    # Small buffers at both ends of a: once a few KiB are in flight, its sends block for good.
+    dialer_a.stream.socket.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_SNDBUF, 4096)
+    server_a.stream.socket.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+    incoming = IncomingPieces(busy_at=1)
+    incoming.watch(dialer_a, lambda: True)
+    incoming.watch(dialer_b, lambda: True)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(incoming.run)
+
+            flooded = 0
+
+            async def flood() -> None:  # a's peer never reads: this blocks, holding a's link
+                nonlocal flooded
+                for i in range(10**6):
+                    await dialer_a.send(Have(D, i))
+                    flooded += 1
+
+            nursery.start_soon(flood)
+            with trio.fail_after(10):  # until the flood is stuck for good
+                stuck_for, last = 0, -1
+                while stuck_for < 5:
+                    await trio.sleep(0.1)
+                    stuck_for, last = (stuck_for + 1 if flooded == last else 0), flooded
+            assert dialer_a._send_lock.locked()
+            incoming.piece_started()
+            with trio.fail_after(5):
+                assert await server_b.receive() == Busy(True)
+            assert dialer_a.told_busy  # (its message waits behind the flood)
+            nursery.cancel_scope.cancel()
+    finally:
+        for link in (dialer_a, server_a, dialer_b, server_b):
+            await link.aclose()
+        await listener_a.aclose()
+        await listener_b.aclose()
+
+
 def test_busy_at_must_be_positive() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         IncomingPieces(busy_at=0)
