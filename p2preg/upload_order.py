@@ -17,11 +17,14 @@ A lower rank is served first; equal ranks go to the request that waited longest.
 
        rank                                 1,000 nodes         10,000 nodes
        least sent (before)                  1.63/1.67/1.73      1.75/1.82/1.89
-       + not busy first (>= 3 arriving)     1.33/1.36/1.40      (see docs/simulator.md)
+       + not busy first (>= 3 arriving)     1.32/1.39/1.68      1.46/1.50/1.57
        by pieces arriving (0, 1, 2, ...)    1.33/1.36/1.39      1.47/1.49/1.53
        busy at >= 2                         1.41/1.45/1.45
        busy at >= 4                         1.38/1.42/1.45
        busy from 3, not busy again at 1     1.39/1.42/1.44      (a fifth of the messages)
+
+   (seed 1; the last four rows ranked by the flag as it was when the request was queued, which
+   the agent does not do; docs/simulator.md, finding 9, has them all.)
 
    The count must be fresh: ranked by the count as it was up to 50 ms (0.25 s) earlier, the
    gain shrinks to 1.44/1.52/1.56 (1.61/1.68/1.75) at 1,000 nodes. A busy flag sent when it
