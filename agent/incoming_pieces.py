@@ -7,7 +7,7 @@ that receives ``BUSY_INCOMING_PIECES`` pieces at once (over all its download con
 blobs: they share one downlink) says it is busy; the peers it has requests waiting at then serve
 requesters that are not busy first (p2preg.upload_order, where the measurements are).
 
-The flag must be fresh to help: ranked by a count up to 50 ms old, most of the gain was gone in
+The flag must be fresh to help: ranked by a count up to 50 ms old, half the gain was gone in
 the simulator. So a change is sent at once to every download connection that has requests out
 (the only ones whose sender ranks us), one task per connection being told (a peer that stops
 reading holds up only its own), and it rides along with new requests to the others
