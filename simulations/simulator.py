@@ -928,15 +928,7 @@ class Simulator:
         c.wait_at = now
         c.wait_tie = tie
         src.n_waiting += 1
-        self.pushes += 1
-        # (The requester's count as it is now: an agent tells the peers it waits at at most
-        # 0.25 s late, agent/swarm.py _tell_progress; a few pieces' difference.)
-        dst = c.dst
-        busy = dst.arriving >= BUSY_INCOMING_PIECES
-        rank = upload_rank(src.sent[c.queue[0]], len(dst.have), busy)
-        c.wait_push = self.pushes
-        c.wait_rank = rank
-        heappush(src.wait_heap, (rank, now, tie, self.pushes, c))
+        self._wait_again(c)
         if src.slots > 0:
             self.grant[src] = None
         if c.tdue == _INF:  # the requester drops the peer if a request takes too long
@@ -979,7 +971,6 @@ class Simulator:
         that are not busy, then the piece ``src`` has sent least often, then the requester
         holding fewest pieces), then to the ones that waited longest (agent/peer_server.py,
         UploadSlots)."""
-        sent = src.sent
         heap = src.wait_heap
         while src.slots > 0 and src.n_waiting and src.alive:
             # A heap of (rank of the head request when pushed, arrival, random, push number,
@@ -989,17 +980,11 @@ class Simulator:
             # re-pushed with the current one, and the first up-to-date entry is the agent's
             # min(). Entries of connections that stopped waiting, or were pushed again since,
             # are dropped.
-            rank, at, tie, push, best = heappop(heap)
+            rank, _, _, push, best = heappop(heap)
             if not best.waiting or best.wait_push != push:
                 continue
-            dst = best.dst
-            busy = dst.arriving >= BUSY_INCOMING_PIECES
-            current = upload_rank(sent[best.queue[0]], len(dst.have), busy)
-            if current != rank:
-                self.pushes += 1
-                best.wait_push = self.pushes
-                best.wait_rank = current
-                heappush(heap, (current, at, tie, self.pushes, best))
+            if self._rank_of(best) != rank:
+                self._wait_again(best)
                 continue
             best.waiting = False
             src.n_waiting -= 1
@@ -1088,14 +1073,22 @@ class Simulator:
                 self._wait_again(c)
 
     def _wait_again(self, c: _Conn) -> None:
-        """``c``'s waiting head request gets a new entry at its sender, with its current rank
-        (the same arrival and tie-break: only the rank may have changed)."""
-        src, dst = c.src, c.dst
+        """``c``'s waiting head request gets a (new) entry at its sender, with its current rank
+        and its arrival and tie-break (_send sets them; later only the rank may change)."""
         self.pushes += 1
         c.wait_push = self.pushes
+        rank = c.wait_rank = self._rank_of(c)
+        heappush(c.src.wait_heap, (rank, c.wait_at, c.wait_tie, self.pushes, c))
+
+    @staticmethod
+    def _rank_of(c: _Conn) -> tuple[int, int, int]:
+        """The p2preg.upload_order rank of ``c``'s head request at its sender, now. (The
+        requester's count as it is now: an agent tells the peers it waits at at most 0.25 s
+        late, agent/swarm.py _tell_progress; a few pieces' difference. Its busy flag as it is
+        now: the agent's busy message goes out the moment it changes.)"""
+        dst = c.dst
         busy = dst.arriving >= BUSY_INCOMING_PIECES
-        rank = c.wait_rank = upload_rank(src.sent[c.queue[0]], len(dst.have), busy)
-        heappush(src.wait_heap, (rank, c.wait_at, c.wait_tie, self.pushes, c))
+        return upload_rank(c.src.sent[c.queue[0]], len(dst.have), busy)
 
     def _piece_done(self, c: _Conn, now: float) -> None:
         """The head piece of ``c`` arrived (the hot path: written for speed)."""

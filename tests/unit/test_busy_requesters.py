@@ -13,7 +13,9 @@ requesters that are not busy first.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -123,14 +125,27 @@ async def test_a_download_connection_counts_a_piece_while_its_payload_arrives() 
         await listener.aclose()
 
 
-async def test_changes_reach_the_peers_with_requests_out_once_and_the_others_later() -> None:
+@contextlib.asynccontextmanager
+async def _two_link_pairs() -> AsyncIterator[tuple[PeerLink, PeerLink, PeerLink, PeerLink]]:
+    """Two real connections over loopback: (dialer a, its server side, dialer b, its server
+    side), all closed at the end."""
     dialer_a, server_a, listener_a = await _link_pair()
     dialer_b, server_b, listener_b = await _link_pair()
-    incoming = IncomingPieces(busy_at=2)
-    requests_out = {dialer_a: True, dialer_b: False}
-    incoming.watch(dialer_a, lambda: requests_out[dialer_a])
-    incoming.watch(dialer_b, lambda: requests_out[dialer_b])
     try:
+        yield dialer_a, server_a, dialer_b, server_b
+    finally:
+        for link in (dialer_a, server_a, dialer_b, server_b):
+            await link.aclose()
+        await listener_a.aclose()
+        await listener_b.aclose()
+
+
+async def test_changes_reach_the_peers_with_requests_out_once_and_the_others_later() -> None:
+    async with _two_link_pairs() as (dialer_a, server_a, dialer_b, server_b):
+        incoming = IncomingPieces(busy_at=2)
+        requests_out = {dialer_a: True, dialer_b: False}
+        incoming.watch(dialer_a, lambda: requests_out[dialer_a])
+        incoming.watch(dialer_b, lambda: requests_out[dialer_b])
         async with trio.open_nursery() as nursery:
             nursery.start_soon(incoming.run)
             incoming.piece_started()
@@ -165,23 +180,16 @@ async def test_changes_reach_the_peers_with_requests_out_once_and_the_others_lat
             with trio.fail_after(5):
                 assert await server_a.receive() == Have(D, 5)
             nursery.cancel_scope.cancel()
-    finally:
-        for link in (dialer_a, server_a, dialer_b, server_b):
-            await link.aclose()
-        await listener_a.aclose()
-        await listener_b.aclose()
 
 
 async def test_a_peer_that_stops_reading_holds_up_only_its_own_message() -> None:
-    dialer_a, server_a, listener_a = await _link_pair()
-    dialer_b, server_b, listener_b = await _link_pair()
-    # Small buffers at both ends of a: once a few KiB are in flight, its sends block for good.
-    dialer_a.stream.socket.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_SNDBUF, 4096)
-    server_a.stream.socket.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
-    incoming = IncomingPieces(busy_at=1)
-    incoming.watch(dialer_a, lambda: True)
-    incoming.watch(dialer_b, lambda: True)
-    try:
+    async with _two_link_pairs() as (dialer_a, server_a, dialer_b, server_b):
+        # Small buffers at both ends of a: once a few KiB are in flight, its sends block for good.
+        dialer_a.stream.socket.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_SNDBUF, 4096)
+        server_a.stream.socket.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+        incoming = IncomingPieces(busy_at=1)
+        incoming.watch(dialer_a, lambda: True)
+        incoming.watch(dialer_b, lambda: True)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(incoming.run)
 
@@ -205,11 +213,6 @@ async def test_a_peer_that_stops_reading_holds_up_only_its_own_message() -> None
                 assert await server_b.receive() == Busy(True)
             assert dialer_a.told_busy  # (its message waits behind the flood)
             nursery.cancel_scope.cancel()
-    finally:
-        for link in (dialer_a, server_a, dialer_b, server_b):
-            await link.aclose()
-        await listener_a.aclose()
-        await listener_b.aclose()
 
 
 def test_busy_at_must_be_positive() -> None:
