@@ -6,6 +6,7 @@ measured by hand and recorded in docs/simulator.md.
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import math
@@ -609,3 +610,18 @@ def test_nodes_dial_more_peers_once_the_tracker_counts_a_large_swarm() -> None:
     assert result.incomplete == 0
     # 8 dials per node would be all there is without the wake-up (and before the threshold).
     assert result.stats["dials"] > 20 * 402
+
+
+def test_progress_lines_while_it_runs() -> None:
+    """--progress reports mid-run too (it once failed there on a count kept only at the end)."""
+    out = io.StringIO()
+    simulator = sim.Simulator(
+        SimConfig(20, 64 * MiB, node_upload=8 * MiB, node_download=8 * MiB, origin_upload=8 * MiB),
+        progress=out,
+    )
+    simulator.report_every = 0.0  # a line every 256 batches
+    result = simulator.run()
+    lines = out.getvalue().split("\r")[1:]
+    assert len(lines) >= 2, lines
+    assert f"complete {len(result.completion_s)}/20" in lines[-1]
+    assert all(line.startswith("simulated") for line in lines)
