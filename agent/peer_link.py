@@ -152,9 +152,10 @@ class PeerLink:
                     self._arrival_ended()
                 return event
             payload_needed = self.connection.payload_bytes_needed
-            if payload_needed and not self._arriving and self.incoming is not None:
+            if payload_needed and not self._arriving:
                 self._arriving = True  # a piece's payload has begun to arrive
-                self.incoming.piece_started()
+                if self.incoming is not None:
+                    self.incoming.piece_started()
             self._set_lowat(min(max(payload_needed, 1), PAYLOAD_LOWAT))
             data = await self._receive_bytes()
             if data:
@@ -174,8 +175,13 @@ class PeerLink:
 
     def _arrival_ended(self) -> None:
         self._arriving = False
-        assert self.incoming is not None
-        self.incoming.piece_ended()
+        if self.incoming is not None:
+            self.incoming.piece_ended()
+
+    @property
+    def arriving(self) -> bool:
+        """A piece's payload is arriving: its first bytes are here, its last are not."""
+        return self._arriving
 
     async def _receive_bytes(self) -> bytes:
         """Up to RECEIVE_SIZE bytes (b"": the peer closed). Reads the socket at once when it

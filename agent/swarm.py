@@ -30,7 +30,7 @@ from p2preg.digest import Digest
 from p2preg.errors import LocalProtocolError, RemoteProtocolError
 from p2preg.metainfo import MetaInfo
 from p2preg.piece_picker import PiecePicker, queued_to_take_over
-from p2preg.swarm_limits import download_peers
+from p2preg.swarm_limits import download_peers, head_patience
 from p2preg.wire import (
     BitfieldMsg,
     Busy,
@@ -80,6 +80,7 @@ class _Peer:
     # and when its oldest refusal runs out: till then the ticker need not fill it again.
     dry_at: int = -1
     refusals_until: float = 0.0
+    last_arrival: float = -1e9  # when its last piece for us arrived
 
 
 class Swarm:
@@ -293,6 +294,7 @@ class Swarm:
 
     async def _piece(self, peer: _Peer, event: Piece) -> None:
         index = event.index
+        peer.last_arrival = trio.current_time()
         requested = peer.in_flight.pop(index, None) is not None
         if not requested:
             if index not in peer.cancelled:
@@ -460,6 +462,28 @@ class Swarm:
             await self._cancel(other, index)
         return [index for _, index in moves]
 
+    async def _withdraw_stalled_head(self, peer: _Peer, now: float) -> None:
+        """Our first request at ``peer`` waited there longer than p2preg.swarm_limits's
+        head_patience for an upload slot (since we sent it, or since the piece before it
+        arrived) and none of it is arriving: cancel it and let another peer be asked
+        (p2preg.upload_order.HEAD_PATIENCE says why a request can wait there indefinitely).
+        Not asked of this peer again for REFUSAL_BACKOFF, as if it had refused; if the piece
+        was under way after all, the Cancel crosses it and it is used as any cancelled piece
+        that arrives."""
+        if not peer.in_flight or peer.link.arriving:
+            return
+        index, requested = next(iter(peer.in_flight.items()))  # (the order we sent them in)
+        if now - max(requested, peer.last_arrival) < head_patience(self._swarm_count):
+            return
+        del peer.in_flight[index]
+        peer.cancelled.add(index)
+        peer.refused[index] = now
+        if peer.refusals_until <= now:
+            peer.refusals_until = now + REFUSAL_BACKOFF
+        self._request_ended(index)
+        self.stats["withdrawn"] += 1
+        await self._cancel(peer, index)
+
     async def _cancel(self, other: _Peer, index: int) -> None:
         """Tell ``other`` we no longer want ``index``; from this peer's task, so a broken link
         to the other one is not this one's failure (the other's reader cleans up after it)."""
@@ -499,6 +523,7 @@ class Swarm:
                     await peer.link.aclose()
                     continue
                 try:
+                    await self._withdraw_stalled_head(peer, now)
                     if self._nothing_new_for(peer, now):
                         await self._tell_progress(peer)  # (the count may have changed)
                     else:

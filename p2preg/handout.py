@@ -10,7 +10,8 @@ candidates plus O(t log limit) for the t candidates of the tiers it needs to fil
 3. seeders (complete peers) before leechers;
 4. among seeders: the least handed out recently first (``load``), so one seeder does not get
    every requester of a rollout; among leechers: most pieces first in power-of-two buckets
-   (bit length of the count), then the least handed out, then the most pieces;
+   (bit length of the count), then the least handed out in steps of ``LEECHER_LOAD_GRAIN``
+   handouts, then the most pieces;
 5. random among equals (a seeded ``random.Random`` makes the result reproducible).
 
 The tracker keeps ``load`` with :class:`HandoutLoad`, an exponentially decaying count of how often
@@ -29,6 +30,24 @@ long chain, each a piece behind the previous; from a sample they are the most re
 200, shorter chains (docs/simulator.md: a 3,000-node rollout's p50 57.9 s -> 34.5 s). Ranking
 leechers at random instead (no load) shortened them further but made the tail worse in the
 simulator (more piece timeouts at the early nodes everyone then dials), so load stays.
+
+Leechers' load counts in steps of ``LEECHER_LOAD_GRAIN`` handouts, random within a step. Ranked
+by the exact count, an announce storm still made chains: each node's least handed out
+candidates were the ones that announced just before it (all at 0), so at 10,000 nodes the
+fetcher's first pieces had to cross 52 hops of 8 nodes each before the second announces (a
+second later) shortened that to 25, and every node held a piece only at t = 2.3 s. In steps of
+32 (a handout of 50 is dialled ~32 times: about a node's share of downloaders) the overlay is
+12 hops deep and its in-degrees as even (10th-90th percentile 14-38, max 45); in steps of 128
+it is 4 deep but in-degrees spread to 3-72 (max 98), and at random (3 deep) to 3-74 (max 225):
+the nodes everyone dialled queued requests for seconds. Simulated, 1 GiB @ 100 MiB/s, seed 1,
+p50 / p99 / max x the bound, with requesters withdrawing requests that wait over
+p2preg.upload_order.HEAD_PATIENCE (without it, the faster start left early nodes' requests
+starving behind the others' and the tails went up: docs/simulator.md, finding 10):
+
+    load ranked           1,000 nodes         10,000 nodes
+    exact (before)        1.29/1.30/1.31      1.40/1.42/1.42
+    in steps of 16        1.25/1.27/1.27
+    in steps of 32        1.23/1.24/1.25      1.30/1.32/1.33
 """
 
 from __future__ import annotations
@@ -43,6 +62,8 @@ from typing import Protocol
 PEER_ID_BYTES = 16
 # Records of one tier ranked per announce; a bigger tier is sampled down to this many.
 HANDOUT_SAMPLE = 200
+# Leechers handed out fewer than this many times more than another count as equally loaded.
+LEECHER_LOAD_GRAIN = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,15 +134,21 @@ def _best(
     load: Mapping[bytes, float],
 ) -> list[PeerRecord]:
     """The ``room`` best of one tier, best first: seeders by ``(load, random)``, leechers by
-    ``(-bucket(pieces), load, -pieces, random)``, where bucket is the bit length."""
+    ``(-bucket(pieces), load // LEECHER_LOAD_GRAIN, -pieces, random)`` (``load`` itself when
+    the whole tier fits in ``room``), where bucket is the bit length."""
     get = load.get
     # 32 random bits per record in one call (C speed), for the tie-break.
     draws = memoryview(rng.randbytes(4 * len(tier))).cast("I").tolist()
     keys: list[tuple[float, ...]]
     if leechers:
+        # In steps when some are left out (docstring); a tier handed out whole keeps the exact
+        # order, the order its members are dialled in: steps there made 16 nodes 1% slower.
+        loads = [get(r.peer_id, 0) for r in tier]
+        if len(tier) > room:
+            loads = [value // LEECHER_LOAD_GRAIN for value in loads]
         keys = [
-            (-r.pieces.bit_length(), get(r.peer_id, 0), -r.pieces, x)
-            for r, x in zip(tier, draws, strict=True)
+            (-r.pieces.bit_length(), value, -r.pieces, x)
+            for r, value, x in zip(tier, loads, draws, strict=True)
         ]
     else:
         keys = [(get(r.peer_id, 0), x) for r, x in zip(tier, draws, strict=True)]

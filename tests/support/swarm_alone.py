@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.assembly import BlobAssembly
 from agent.content_store import ContentStore
-from agent.swarm import Swarm
+from agent.swarm import Swarm, _Peer
 from p2preg.digest import Digest
 from p2preg.metainfo import MetaInfo, piece_hash
+from p2preg.wire import Cancel, Request
 
 
 @contextlib.asynccontextmanager
@@ -31,3 +33,37 @@ async def swarm_alone(
         yield Swarm(digest, assembly, identity=None, banned=set()), data  # type: ignore[arg-type]
     finally:
         await assembly.abort()
+
+
+@dataclass(eq=False)
+class RecordingLink:
+    """Stands in for a PeerLink: what the swarm sends, in order."""
+
+    address: str
+    peer_id: bytes
+    sent: list[object] = field(default_factory=list)
+    arriving: bool = False  # a piece's payload is arriving on it
+
+    async def send(self, message: object) -> None:
+        self.sent.append(message)
+
+    async def send_many(self, messages: Iterable[object]) -> None:
+        self.sent.extend(messages)
+
+    async def aclose(self) -> None:
+        pass
+
+    def requests(self) -> list[int]:
+        return [m.index for m in self.sent if isinstance(m, Request)]
+
+    def cancels(self) -> list[int]:
+        return [m.index for m in self.sent if isinstance(m, Cancel)]
+
+
+def join(swarm: Swarm, name: str, held: set[int]) -> tuple[_Peer, RecordingLink]:
+    """A stand-in peer called ``name`` that holds ``held``, connected to ``swarm``."""
+    link = RecordingLink(name, name.encode())
+    peer = _Peer(link, held=set(held), counted=True)  # type: ignore[arg-type]
+    swarm.peers[link.peer_id] = peer
+    swarm.picker.add_peer(peer.held)
+    return peer, link

@@ -6,10 +6,19 @@ import itertools
 import random
 from collections import Counter
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2preg.handout import HandoutLoad, PeerRecord, PeerRef, PeerTiers, choose_peers
+from p2preg import handout
+from p2preg.handout import (
+    LEECHER_LOAD_GRAIN,
+    HandoutLoad,
+    PeerRecord,
+    PeerRef,
+    PeerTiers,
+    choose_peers,
+)
 
 ZONES = ("a", "b", "c")
 POOL = [bytes([i]) * 16 for i in range(24)]
@@ -35,7 +44,7 @@ records = st.builds(
     announced_at=st.floats(0, 100),
 )
 swarms = st.lists(records, max_size=40)
-loads = st.dictionaries(st.sampled_from(POOL), st.integers(0, 6))
+loads = st.dictionaries(st.sampled_from(POOL), st.integers(0, 100))
 requesters = st.builds(PeerRef, peer_id=st.sampled_from(POOL), zone=st.sampled_from(ZONES))
 
 
@@ -76,6 +85,10 @@ def test_order_zone_then_seeders_then_load(
             assert before.complete or not after.complete, "a seeder came after a leecher"
             if before.complete and after.complete:
                 assert load.get(before.peer_id, 0) <= load.get(after.peer_id, 0)
+            elif not before.complete and before.pieces.bit_length() == after.pieces.bit_length():
+                # Leechers with as many pieces (in power-of-two buckets): by load, in steps.
+                step = LEECHER_LOAD_GRAIN
+                assert load.get(before.peer_id, 0) // step <= load.get(after.peer_id, 0) // step
 
 
 @given(swarms, requesters, st.integers(1, 10), loads, st.integers(0, 2**32))
@@ -283,3 +296,45 @@ def test_candidates_of_a_requester_in_the_swarm_leave_it_out() -> None:
         picked = tiers.candidates(me, 50, random.Random(seed), sample=60)
         assert me.peer_id not in {r.peer_id for r in picked}
         assert len(picked) >= 50
+
+
+def _announce_storm(nodes: int, dialled: int = 32) -> tuple[int, list[int]]:
+    """``nodes`` announce one after another before any holds a piece (a rollout's start), each
+    dialling the first ``dialled`` of its handout, with the tracker's sampling and load
+    bookkeeping. Returns how many hops the first node's pieces need to reach every node
+    (downloaders only get pieces from the peers they dialled), and each node's downloaders."""
+    rng = random.Random(1)
+    tiers, load = PeerTiers(), HandoutLoad(half_life=10.0)
+    downloaders: list[list[int]] = [[] for _ in range(nodes)]
+    for k in range(nodes):
+        me = PeerRecord(k.to_bytes(16, "big"), f"h:{k}", "a", False, 0, 0.0)
+        tiers.upsert(me)
+        candidates = tiers.candidates(me, 50, rng)
+        chosen = choose_peers(
+            candidates, me, 50, rng, load.snapshot([r.peer_id for r in candidates], 0.0)
+        )
+        load.record([r.peer_id for r in chosen], 0.0)
+        for peer in chosen[:dialled]:
+            downloaders[int.from_bytes(peer.peer_id, "big")].append(k)
+    hops, frontier = {0: 0}, [0]
+    while frontier:
+        reached = []
+        for a in frontier:
+            for b in downloaders[a]:
+                if b not in hops:
+                    hops[b] = hops[a] + 1
+                    reached.append(b)
+        frontier = reached
+    assert len(hops) == nodes
+    return max(hops.values()), [len(d) for d in downloaders]
+
+
+def test_an_announce_storm_makes_a_shallow_even_overlay(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Leechers' load counts in steps (LEECHER_LOAD_GRAIN): ranked by the exact count, each
+    node of a storm got the nodes that announced just before it, a chain that new pieces
+    crawl along hop by hop."""
+    depth, fan_in = _announce_storm(1000)
+    assert depth <= 8 and max(fan_in) <= 50, (depth, max(fan_in))
+    monkeypatch.setattr(handout, "LEECHER_LOAD_GRAIN", 1e-9)  # the exact count
+    exact_depth, _ = _announce_storm(1000)
+    assert exact_depth >= 2 * depth, (exact_depth, depth)

@@ -9,72 +9,30 @@ record what the swarm sends.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass, field
-from pathlib import Path
-
 import pytest
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.swarm import Swarm, _Peer
+from agent.swarm import Swarm
 from p2preg.errors import RemoteProtocolError
 from p2preg.piece_picker import queued_to_take_over
-from p2preg.wire import Cancel, Piece, Request
-from tests.support.swarm_alone import swarm_alone
+from p2preg.wire import Piece
+from tests.support.swarm_alone import join
 
 PIECE = 1024 * 1024  # 1 MiB pieces: 8 requests in flight per peer (8 MiB)
-
-
-@dataclass(eq=False)
-class RecordingLink:
-    """Stands in for a PeerLink: what the swarm sends, in order."""
-
-    address: str
-    peer_id: bytes
-    sent: list[object] = field(default_factory=list)
-
-    async def send(self, message: object) -> None:
-        self.sent.append(message)
-
-    async def send_many(self, messages: Iterable[object]) -> None:
-        self.sent.extend(messages)
-
-    async def aclose(self) -> None:
-        pass
-
-    def requests(self) -> list[int]:
-        return [m.index for m in self.sent if isinstance(m, Request)]
-
-    def cancels(self) -> list[int]:
-        return [m.index for m in self.sent if isinstance(m, Cancel)]
-
-
-@pytest.fixture
-async def swarm(tmp_path: Path) -> AsyncIterator[tuple[Swarm, bytes]]:
-    async with swarm_alone(tmp_path, 6, PIECE) as made:
-        yield made
-
-
-def _join(swarm: Swarm, name: str, held: set[int]) -> tuple[_Peer, RecordingLink]:
-    link = RecordingLink(name, name.encode())
-    peer = _Peer(link, held=set(held), counted=True)  # type: ignore[arg-type]
-    swarm.peers[link.peer_id] = peer
-    swarm.picker.add_peer(peer.held)
-    return peer, link
 
 
 async def test_an_idle_peer_takes_over_requests_queued_behind_another(
     swarm: tuple[Swarm, bytes],
 ) -> None:
     s, _ = swarm
-    busy, busy_link = _join(s, "busy", {0, 1, 2, 3, 4, 5})
+    busy, busy_link = join(s, "busy", {0, 1, 2, 3, 4, 5})
     await s._fill(busy)
     assert len(busy_link.requests()) == 6  # everything, in the order the picker chose
     head = busy_link.requests()[0]
 
-    idle, idle_link = _join(s, "idle", {0, 1, 2, 3, 4, 5})
+    idle, idle_link = join(s, "idle", {0, 1, 2, 3, 4, 5})
     await s._fill(idle)  # nothing fresh to pick: it takes over what waits at "busy"
     moved = idle_link.requests()
     assert moved and head not in moved  # the first may be under way: left alone
@@ -90,9 +48,9 @@ async def test_no_take_over_from_a_peer_that_refused_us_lately(
     swarm: tuple[Swarm, bytes],
 ) -> None:
     s, _ = swarm
-    busy, busy_link = _join(s, "busy", {0, 1, 2, 3, 4, 5})
+    busy, busy_link = join(s, "busy", {0, 1, 2, 3, 4, 5})
     await s._fill(busy)
-    fetcher, fetcher_link = _join(s, "fetcher", {0, 1, 2, 3, 4, 5})
+    fetcher, fetcher_link = join(s, "fetcher", {0, 1, 2, 3, 4, 5})
     fetcher.refused[0] = trio.current_time()  # super-seeding: "get it from a peer"
     await s._fill(fetcher)
     assert fetcher_link.requests() == [] and busy_link.cancels() == []
@@ -102,9 +60,9 @@ async def test_a_moved_piece_that_arrives_anyway_is_used_and_its_new_request_can
     swarm: tuple[Swarm, bytes],
 ) -> None:
     s, data = swarm
-    busy, _ = _join(s, "busy", {0, 1, 2, 3, 4, 5})
+    busy, _ = join(s, "busy", {0, 1, 2, 3, 4, 5})
     await s._fill(busy)
-    idle, idle_link = _join(s, "idle", {0, 1, 2, 3, 4, 5})
+    idle, idle_link = join(s, "idle", {0, 1, 2, 3, 4, 5})
     await s._fill(idle)
     index = idle_link.requests()[0]
     # "busy" had started it before our Cancel arrived: the piece comes from there after all.
@@ -118,7 +76,7 @@ async def test_a_piece_nobody_asked_for_is_still_a_protocol_error(
     swarm: tuple[Swarm, bytes],
 ) -> None:
     s, data = swarm
-    peer, _ = _join(s, "peer", {0, 1})
+    peer, _ = join(s, "peer", {0, 1})
     with pytest.raises(RemoteProtocolError, match="unrequested piece 1"):
         await s._piece(peer, Piece(s.digest, 1, data[PIECE : 2 * PIECE]))
 

@@ -1,0 +1,112 @@
+"""Withdrawing a request that waits too long at one peer for an upload slot (agent/swarm.py,
+Swarm._withdraw_stalled_head; the patience is p2preg.upload_order.HEAD_PATIENCE, shared with the
+simulator). A real BlobAssembly on a real content store; the peers are stand-ins that record
+what the swarm sends.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from agent.swarm import REFUSAL_BACKOFF, Swarm, _Peer
+from p2preg.upload_order import HEAD_PATIENCE
+from p2preg.wire import Piece
+from tests.support.swarm_alone import RecordingLink, join
+
+PIECE = 1024 * 1024  # (the conftest's swarm)
+
+
+async def _asked(s: Swarm, held: set[int]) -> tuple[_Peer, RecordingLink, int]:
+    """A peer holding ``held`` that we asked for what it has; and the first piece asked."""
+    peer, link = join(s, "slow", held)
+    await s._fill(peer)
+    return peer, link, link.requests()[0]
+
+
+async def test_a_head_that_waited_past_the_patience_goes_to_another_peer(
+    swarm: tuple[Swarm, bytes],
+) -> None:
+    s, _ = swarm
+    slow, slow_link, head = await _asked(s, {0, 1, 2})
+    sent_at = slow.in_flight[head]
+
+    await s._withdraw_stalled_head(slow, sent_at + HEAD_PATIENCE * 0.9)
+    assert slow_link.cancels() == [], "withdrawn before its time"
+
+    await s._withdraw_stalled_head(slow, sent_at + HEAD_PATIENCE)
+    assert slow_link.cancels() == [head]
+    assert head not in slow.in_flight and head in slow.cancelled
+    assert head not in s.picker.in_flight  # free to be asked of anyone
+    assert s.stats["withdrawn"] == 1
+    # Only the head: the requests behind it stay.
+    assert list(slow.in_flight) == slow_link.requests()[1:]
+
+    other, other_link = join(s, "other", {head})
+    await s._fill(other)
+    assert other_link.requests() == [head]
+
+
+async def test_the_withdrawn_piece_is_not_asked_of_the_same_peer_again_at_once(
+    swarm: tuple[Swarm, bytes],
+) -> None:
+    s, _ = swarm
+    slow, slow_link, head = await _asked(s, {0, 1, 2})
+    now = slow.in_flight[head] + HEAD_PATIENCE
+    await s._withdraw_stalled_head(slow, now)
+    await s._fill(slow)
+    assert slow_link.requests().count(head) == 1, "asked again of the peer that stalled it"
+    assert head in slow.refused and slow.refusals_until == now + REFUSAL_BACKOFF
+
+
+async def test_a_head_whose_payload_is_arriving_is_left_alone(
+    swarm: tuple[Swarm, bytes],
+) -> None:
+    s, _ = swarm
+    slow, slow_link = join(s, "slow", {0, 1})
+    await s._fill(slow)
+    slow_link.arriving = True  # it is being sent: slow, not stalled
+    await s._withdraw_stalled_head(slow, trio.current_time() + 10 * HEAD_PATIENCE)
+    assert slow_link.cancels() == []
+
+
+async def test_the_wait_counts_from_the_previous_piece(
+    swarm: tuple[Swarm, bytes],
+) -> None:
+    """Requests behind others wait for those first: the head's wait for a slot starts when
+    the piece before it arrived, not when it was sent."""
+    s, data = swarm
+    peer, link = join(s, "peer", {0, 1, 2})
+    await s._fill(peer)
+    first, second = link.requests()[:2]
+    await s._piece(peer, Piece(s.digest, first, data[first * PIECE : (first + 1) * PIECE]))
+    arrived = peer.last_arrival
+    peer.in_flight[second] = arrived - 5 * HEAD_PATIENCE  # sent long before: waited behind
+    await s._withdraw_stalled_head(peer, arrived + 0.5 * HEAD_PATIENCE)
+    assert link.cancels() == [] and second in peer.in_flight
+    await s._withdraw_stalled_head(peer, arrived + HEAD_PATIENCE)
+    assert link.cancels() == [second]
+
+
+async def test_a_withdrawn_piece_that_arrives_anyway_is_used(
+    swarm: tuple[Swarm, bytes],
+) -> None:
+    s, data = swarm
+    slow, _, head = await _asked(s, {0, 1})
+    await s._withdraw_stalled_head(slow, slow.in_flight[head] + HEAD_PATIENCE)
+    # The peer had begun sending it when our Cancel arrived.
+    await s._piece(slow, Piece(s.digest, head, data[head * PIECE : (head + 1) * PIECE]))
+    assert head in s.assembly.pieces and s.stats["pieces"] == 1
+
+
+async def test_no_withdrawing_in_a_swarm_of_up_to_400_others(
+    swarm: tuple[Swarm, bytes],
+) -> None:
+    s, _ = swarm
+    s.note_swarm_size(300)  # (p2preg.swarm_limits.head_patience)
+    slow, slow_link = join(s, "slow", {0, 1})
+    await s._fill(slow)
+    await s._withdraw_stalled_head(slow, trio.current_time() + 100 * HEAD_PATIENCE)
+    assert slow_link.cancels() == []
+    s.note_swarm_size(401)
+    await s._withdraw_stalled_head(slow, trio.current_time() + 100 * HEAD_PATIENCE)
+    assert len(slow_link.cancels()) == 1
