@@ -37,17 +37,19 @@ candidates were the ones that announced just before it (all at 0), so at 10,000 
 fetcher's first pieces had to cross 52 hops of 8 nodes each before the second announces (a
 second later) shortened that to 25, and every node held a piece only at t = 2.3 s. In steps of
 32 (a handout of 50 is dialled ~32 times: about a node's share of downloaders) the overlay is
-12 hops deep and its in-degrees as even (10th-90th percentile 14-38, max 45); in steps of 128
-it is 4 deep but in-degrees spread to 3-72 (max 98), and at random (3 deep) to 3-74 (max 225):
-the nodes everyone dialled queued requests for seconds. Simulated, 1 GiB @ 100 MiB/s, seed 1,
-p50 / p99 / max x the bound, with requesters withdrawing requests that wait over
-p2preg.upload_order.HEAD_PATIENCE (without it, the faster start left early nodes' requests
-starving behind the others' and the tails went up: docs/simulator.md, finding 10):
+14 hops deep (12 with steps for the first 50 announcers too; they keep the exact order, see
+_best) and its in-degrees as even (10th-90th percentile 14-38, max 45); in steps of 128 it is 4
+deep but in-degrees spread to 3-72 (max 98), and at random (3 deep) to 3-74 (max 151, 225 after
+the second announces): the nodes everyone dialled queued requests for seconds. Every node holds
+a piece by t = 1.25 s (9,707 of 10,000 at 1 s). Simulated, 1 GiB @ 100 MiB/s, seed 1,
+p50 / p99 / max x the bound, with requesters in large swarms withdrawing requests that wait
+over p2preg.upload_order.HEAD_PATIENCE (without it, the faster start left early nodes' requests
+starving behind the others' and the tails went up: docs/simulator.md, finding 10, has every
+variant tried):
 
-    load ranked           1,000 nodes         10,000 nodes
-    exact (before)        1.29/1.30/1.31      1.40/1.42/1.42
-    in steps of 16        1.25/1.27/1.27
-    in steps of 32        1.23/1.24/1.25      1.30/1.32/1.33
+    load ranked                1,000 nodes         10,000 nodes
+    exact (before)             1.29/1.30/1.31      1.40/1.42/1.42
+    in steps of 32 (now)       1.24/1.25/1.26      1.30/1.33/1.34
 """
 
 from __future__ import annotations
