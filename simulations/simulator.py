@@ -1047,8 +1047,8 @@ class Simulator:
         which is what their pick would choose from; handled as a refusal instead, each picked
         anew: 3.2 million picks instead of 0.3 at 1,000 nodes x 1 GiB, twice the CPU). ``c``
         picks anew, as the agent's ticker does (keeping its stash instead was cheaper but
-        slower, 10,000 nodes: 1.31/1.34/1.35 x the bound, against 1.30/1.32/1.33 with every
-        peer picking anew)."""
+        slower, 10,000 nodes: 1.31/1.34/1.35 x the bound, against 1.30/1.33/1.34 this way and
+        1.30/1.32/1.33 with every peer picking anew)."""
         self.stats["withdrawn"] += 1
         self._unwait(c)
         queue = c.queue
