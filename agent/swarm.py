@@ -280,10 +280,7 @@ class Swarm:
             if peer.in_flight.pop(event.index, None) is not None:
                 self._request_ended(event.index)
             # Not from this peer for a while (it may want us to get it from another).
-            now = trio.current_time()
-            peer.refused[event.index] = now
-            if peer.refusals_until <= now:
-                peer.refusals_until = now + REFUSAL_BACKOFF
+            self._not_asked_here(peer, event.index, trio.current_time())
             self.stats["refusals"] += 1
             log.debug("refused %d by %s", event.index, peer.link.address)
         elif isinstance(event, Meta) and event.metainfo.digest == self.digest:
@@ -477,12 +474,18 @@ class Swarm:
             return
         del peer.in_flight[index]
         peer.cancelled.add(index)
-        peer.refused[index] = now
-        if peer.refusals_until <= now:
-            peer.refusals_until = now + REFUSAL_BACKOFF
+        self._not_asked_here(peer, index, now)
         self._request_ended(index)
         self.stats["withdrawn"] += 1
         await self._cancel(peer, index)
+
+    @staticmethod
+    def _not_asked_here(peer: _Peer, index: int, now: float) -> None:
+        """``index`` is not asked of ``peer`` again for REFUSAL_BACKOFF (it refused it, or
+        we withdrew it there)."""
+        peer.refused[index] = now
+        if peer.refusals_until <= now:
+            peer.refusals_until = now + REFUSAL_BACKOFF
 
     async def _cancel(self, other: _Peer, index: int) -> None:
         """Tell ``other`` we no longer want ``index``; from this peer's task, so a broken link

@@ -1020,24 +1020,32 @@ class Simulator:
 
     def _refused(self, c: _Conn, index: int, now: float) -> None:
         self.stats["refusals"] += 1
-        dst = c.dst
-        picker = dst.picker
-        picker.request_ended(index)
-        c.refused[index] = now
-        c.dry = False
-        c.stash = []  # picked before the refusal: the next pick sees rarity as it is now
-        self.refill[c] = None
+        fresh = self._not_asked_here(c, index, now)
         self._push(now + REFUSAL_BACKOFF, _REFILL, c)
-        if index in picker.in_flight or index in dst.have:
+        if not fresh:
             return
-        self.want[index][dst.index] = (
-            0  # fresh again: the other peers that have it may be asked now
-        )
-        dst.endgame = False
+        dst = c.dst
         for other in dst.downloads.values():
             if other is not c and other.dry and index in other.src.have:
                 other.dry = False
                 self.refill[other] = None
+
+    def _not_asked_here(self, c: _Conn, index: int, now: float) -> bool:
+        """``c``'s request for ``index`` ended without the piece (refused, or withdrawn): not
+        asked of that peer again for REFUSAL_BACKOFF, and ``c`` picks anew. True if no other
+        request for it is out, so the other peers that have it may be asked now."""
+        dst = c.dst
+        picker = dst.picker
+        picker.request_ended(index)
+        c.refused[index] = now  # (_pick and _take_over read it)
+        c.dry = False
+        c.stash = []  # picked before: the next pick sees rarity as it is now
+        self.refill[c] = None
+        if index in picker.in_flight or index in dst.have:
+            return False
+        self.want[index][dst.index] = 0
+        dst.endgame = False
+        return True
 
     def _withdraw(self, c: _Conn, now: float) -> None:
         """``c``'s head request waited ``head_patience`` for a slot: its requester cancels it
@@ -1056,19 +1064,11 @@ class Simulator:
         c.req_at.pop(0)
         if queue:
             self._send(c, now)
-        dst = c.dst
-        picker = dst.picker
-        picker.request_ended(index)
-        c.refused[index] = now  # (_pick and _take_over read it, as for a refusal)
-        c.stash = []
-        c.dry = False
-        self.refill[c] = None
-        if index in picker.in_flight or index in dst.have:
+        if not self._not_asked_here(c, index, now):
             return  # (an endgame copy is asked elsewhere)
+        dst = c.dst
         wants = self.want[index]
         k = dst.index
-        wants[k] = 0
-        dst.endgame = False
         for other in dst.downloads.values():
             if other is not c and index in other.src.have:
                 self._offer(other, index, now)
