@@ -29,8 +29,9 @@ from agent.peer_link import PeerGone, PeerIdentity, PeerLink
 from p2preg.digest import Digest
 from p2preg.errors import LocalProtocolError, RemoteProtocolError
 from p2preg.metainfo import MetaInfo
+from p2preg.peer_rotation import peer_to_dial, peer_to_drop
 from p2preg.piece_picker import PiecePicker, queued_to_take_over
-from p2preg.swarm_limits import download_peers, head_patience
+from p2preg.swarm_limits import download_peers, head_patience, rotates_peers
 from p2preg.wire import (
     BitfieldMsg,
     Busy,
@@ -55,6 +56,8 @@ MAX_IN_FLIGHT_BYTES = 8 * 1024 * 1024
 # A piece a peer refused is not asked of that peer again for this long.
 REFUSAL_BACKOFF = 0.5
 TICK = 0.05
+# A dropped or failed peer's address is not dialled again for this long.
+REDIAL_BACKOFF = 2.0
 # A peer we have requests at hears how many pieces we hold at most this often (Progress): it
 # ranks requesters by it (p2preg.upload_order), and a count a few pieces old ranks the same.
 PROGRESS_INTERVAL = 0.25
@@ -81,6 +84,10 @@ class _Peer:
     dry_at: int = -1
     refusals_until: float = 0.0
     last_arrival: float = -1e9  # when its last piece for us arrived
+    # Since the last rotation (Swarm.rotate): pieces it delivered, and requests we withdrew
+    # there after they waited for a slot.
+    delivered: int = 0
+    withdrawn: int = 0
 
 
 class Swarm:
@@ -97,6 +104,7 @@ class Swarm:
     ) -> None:
         self.digest = digest
         self.assembly = assembly
+        self._rng = rng if rng is not None else random.Random()
         self._identity = identity
         # What we receive at once, and whether our peers know we are busy (tests: None)
         self._incoming = identity.incoming if identity is not None else None
@@ -193,7 +201,7 @@ class Swarm:
         for address in self._addresses:
             if len(self.peers) + len(self._dialing) >= self._max_peers:
                 return
-            if address in self._dialing or now - self._failed.get(address, -1e9) < 2.0:
+            if address in self._dialing or now - self._failed.get(address, -1e9) < REDIAL_BACKOFF:
                 continue
             if any(peer.link.address == address for peer in self.peers.values()):
                 continue
@@ -323,6 +331,7 @@ class Swarm:
             raise PeerGone("banned for a bad piece")
         self.bytes_from_peers += len(event.data)
         self.stats["pieces"] += 1
+        peer.delivered += 1
         log.debug("piece %d of %s from %s", index, self.digest, peer.link.address)
         self.picker.mark_have(index)  # also ends every request for it, ours included
         self._note_have()
@@ -477,6 +486,7 @@ class Swarm:
         self._not_asked_here(peer, index, now)
         self._request_ended(index)
         self.stats["withdrawn"] += 1
+        peer.withdrawn += 1
         await self._cancel(peer, index)
 
     @staticmethod
@@ -492,6 +502,56 @@ class Swarm:
         to the other one is not this one's failure (the other's reader cleans up after it)."""
         with contextlib.suppress(PeerGone, LocalProtocolError):
             await other.link.send(Cancel(self.digest, index))
+
+    async def rotate(self, handout: list[str]) -> None:
+        """The tracker answered with ``handout``: in a large swarm, at our peer limit, drop the
+        peer where our requests starved most since the last answer and dial one of the answer
+        instead (p2preg.peer_rotation says why and which). Its requests go back to the picker;
+        the dropped address is not redialled for REDIAL_BACKOFF."""
+        peers = list(self.peers.values())
+        counts = [(peer, peer.withdrawn, peer.delivered) for peer in peers]
+        for peer in peers:
+            peer.delivered = peer.withdrawn = 0
+        if (
+            self.complete
+            or not rotates_peers(self._swarm_count)
+            or len(peers) + len(self._dialing) < self._max_peers
+        ):
+            return
+        now = trio.current_time()
+        connected = {peer.link.address for peer in peers}
+        options = [
+            address
+            for address in dict.fromkeys(handout)  # (in order, once each)
+            if address not in connected
+            and address not in self._dialing
+            and now - self._failed.get(address, -1e9) >= REDIAL_BACKOFF
+        ]
+        if not options:
+            return
+        out = peer_to_drop(counts, self._sole_source)
+        if out is None:
+            return
+        address = peer_to_dial(options, self._rng)
+        assert address is not None
+        # First in line for _dial_more, which fills the place the dropped peer leaves.
+        with contextlib.suppress(ValueError):
+            self._addresses.remove(address)
+        self._addresses.insert(0, address)
+        log.debug("rotating peer %s out for %s on %s", out.link.address, address, self.digest)
+        self.stats["rotated"] += 1
+        self._failed[out.link.address] = now
+        self._forget(out)
+        self._wakeup.set()
+        await out.link.aclose()
+
+    def _sole_source(self, peer: _Peer) -> bool:
+        """``peer`` is the only one of our peers holding some piece we lack."""
+        availability = self.picker.availability
+        have = self.picker.have
+        return peer.counted and any(
+            availability[index] == 1 for index in peer.held if index not in have
+        )
 
     async def _drop_extra(self) -> None:
         """More peers than the limit (it fell: the swarm grew past a size): drop the ones with

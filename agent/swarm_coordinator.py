@@ -349,13 +349,13 @@ class SwarmCoordinator:
         try:
             result = await self._announce(download.digest, assembly.metainfo, len(assembly.pieces))
             swarm.note_swarm_size(self._others(result))
-            swarm.add_addresses(
-                [
-                    p.addr
-                    for p in result.peers
-                    if p.peer_id != self._identity.peer_id and p.peer_id not in self.banned
-                ]
-            )
+            handout = [
+                p.addr
+                for p in result.peers
+                if p.peer_id != self._identity.peer_id and p.peer_id not in self.banned
+            ]
+            swarm.add_addresses(handout)
+            await swarm.rotate(handout)
             # (Only when hashes hold us up: peers send theirs when asked, and a tracker call
             # costs the agent 1.2-1.4 ms of CPU, measured.)
             if not assembly.metainfo.complete and (not swarm.peers or swarm.lacks_hashes()):

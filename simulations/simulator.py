@@ -66,11 +66,13 @@ from p2preg.metainfo import (
     piece_count,
     piece_length_for,
 )
+from p2preg.peer_rotation import peer_to_dial, peer_to_drop
 from p2preg.piece_picker import PiecePicker, queued_to_take_over
 from p2preg.swarm_limits import (
     DOWNLOAD_PEERS,
     download_peers,
     head_patience,
+    rotates_peers,
     super_seed_after_fetch,
     upload_slots,
 )
@@ -145,6 +147,9 @@ class SimConfig:
     # What-if: seconds a head request waits for a slot before its requester withdraws it
     # (inf: never; None: by the swarm's size, as the agent: p2preg.swarm_limits.head_patience).
     head_patience: float | None = None
+    # What-if: whether nodes at their peer limit swap one peer a second (None: by the swarm's
+    # size, as the agent: p2preg.swarm_limits.rotates_peers).
+    rotate_peers: bool | None = None
 
     def __post_init__(self) -> None:
         if self.piece_length == 0:
@@ -215,6 +220,7 @@ class _Node:
         "failed_at",
         "fan",
         "fetcher",
+        "handed",
         "have",
         "held",
         "index",
@@ -232,6 +238,7 @@ class _Node:
         "rated_up",
         "read_pos",
         "record",
+        "rotates",
         "sending",
         "sent",
         "served",
@@ -296,6 +303,8 @@ class _Node:
         self.slot_limit = upload_slots(None)  # resized at every announce, as the agent's
         # How long its requests wait for a slot before it withdraws them (resized likewise).
         self.patience = head_patience(None)
+        self.rotates = rotates_peers(None)  # swaps a peer at every tracker answer (resized too)
+        self.handed: list[int] = []  # the tracker's last answer (node indexes)
         self.slots = self.slot_limit  # free ones (below zero after a resize down)
         self.sending: list[_Conn] = []  # active flows out (at most slot_limit)
         self.n_waiting = 0  # connections waiting for a slot (their token: _Conn.wait_*)
@@ -326,6 +335,7 @@ class _Link:
 class _Conn:
     __slots__ = (
         "active",
+        "delivered",
         "delivered_at",
         "dry",
         "dst",
@@ -349,6 +359,7 @@ class _Conn:
         "wait_serial",
         "wait_tie",
         "waiting",
+        "withdrawn",
     )
 
     def __init__(self, src: _Node, dst: _Node, link: _Link | None) -> None:
@@ -375,6 +386,9 @@ class _Conn:
         self.dry = False  # the last pick found nothing more to ask this peer
         self.refused: dict[int, float] = {}  # piece -> when this peer refused it
         self.delivered_at = 0.0  # when it last delivered a piece (or connected)
+        # Since the last rotation (Simulator._rotate): pieces delivered, requests withdrawn.
+        self.delivered = 0
+        self.withdrawn = 0
         self.stamp = 0
 
 
@@ -597,6 +611,7 @@ class Simulator:
             "replaced": 0,
             "taken_over": 0,
             "withdrawn": 0,
+            "rotated": 0,
             "pieces": 0,
         }
 
@@ -1058,6 +1073,7 @@ class Simulator:
         slower, 10,000 nodes: 1.31/1.34/1.35 x the bound, against 1.30/1.33/1.34 this way and
         1.30/1.32/1.33 with every peer picking anew)."""
         self.stats["withdrawn"] += 1
+        c.withdrawn += 1
         self._unwait(c)
         queue = c.queue
         index = queue.pop(0)
@@ -1174,6 +1190,7 @@ class Simulator:
             if sent[index] < 255:
                 sent[index] += 1
             c.delivered_at = now
+            c.delivered += 1
             self._deliver(dst, index, now, c)
             if not c.open:
                 return  # closed meanwhile (dst complete): its slot went on already
@@ -1623,6 +1640,7 @@ class Simulator:
         self.stats["handouts"] += 1
         self._size_for_swarm(node, len(self.tiers) - 1, now)  # the swarm count, less itself
         known = node.addr_index
+        node.handed = [int.from_bytes(r.peer_id, "big") for r in chosen]
         for r in chosen:
             index = int.from_bytes(r.peer_id, "big")
             if index not in known and index != node.index:
@@ -1647,6 +1665,8 @@ class Simulator:
         node.peer_limit = limit
         patience = self.cfg.head_patience
         node.patience = head_patience(peers) if patience is None else patience
+        rotate = self.cfg.rotate_peers
+        node.rotates = rotates_peers(peers) if rotate is None else rotate
         limit = upload_slots(peers)
         if limit != node.slot_limit:
             node.slots += limit - node.slot_limit
@@ -1666,7 +1686,14 @@ class Simulator:
                 if node.done_at is None and record is not None and record.pieces != len(node.have):
                     self._record(node, now)
                 if node.done_at is None:
-                    self._size_for_swarm(node, others, now)
+                    if node.swarming and node.rotates and len(node.downloads) >= node.peer_limit:
+                        # (every answer lists peers in the agent; here only a rotation reads
+                        # them, so only then is one handed out)
+                        self._announce(node, now, handout=True)
+                    else:
+                        self._size_for_swarm(node, others, now)
+                    if node.swarming:
+                        self._rotate(node, now)
             elif record is not None and node.died_at is not None and now - node.died_at >= PEER_TTL:
                 self.tiers.remove(node.peer_id)
                 node.record = None
@@ -1681,6 +1708,44 @@ class Simulator:
                             self._close(c, now, backoff=True)
         if self.remaining_nodes > 0:
             self._push(now + ANNOUNCE_INTERVAL, _SWEEP, None)
+
+    def _rotate(self, node: _Node, now: float) -> None:
+        """The tracker answered ``node``: in a large swarm, at its peer limit, it drops the peer
+        where its requests starved most since the last answer and dials one of the answer
+        instead (agent/swarm.py, Swarm.rotate; the choices are p2preg.peer_rotation's)."""
+        conns = list(node.downloads.values())
+        counts = [(c, c.withdrawn, c.delivered) for c in conns]
+        for c in conns:
+            c.delivered = c.withdrawn = 0
+        if not node.rotates or len(conns) < node.peer_limit:
+            return
+        downloads, failed_at = node.downloads, node.failed_at
+        options = [
+            index
+            for index in dict.fromkeys(node.handed)
+            if index not in downloads
+            and index != node.index
+            and failed_at.get(index, -_INF) + REDIAL_BACKOFF <= now
+        ]
+        if not options:
+            return
+        availability: list[int] = []
+
+        def sole_source(c: _Conn) -> bool:
+            if not availability:
+                availability.extend(self._availability(node))
+            have = node.have
+            return any(availability[i] == 1 for i in c.src.have if i not in have)
+
+        out = peer_to_drop(counts, sole_source)
+        if out is None:
+            return
+        index = peer_to_dial(options, self.policy_rng)
+        assert index is not None
+        self.stats["rotated"] += 1
+        self._close(out, now, backoff=True)
+        if not self._connect(node, self.nodes[index], now):
+            failed_at[index] = now  # (_close asked _dial_more to fill the place meanwhile)
 
     # -- origin-fetch lease ------------------------------------------------------------------------
 

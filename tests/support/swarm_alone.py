@@ -43,6 +43,7 @@ class RecordingLink:
     peer_id: bytes
     sent: list[object] = field(default_factory=list)
     arriving: bool = False  # a piece's payload is arriving on it
+    closed: bool = False
 
     async def send(self, message: object) -> None:
         self.sent.append(message)
@@ -51,7 +52,7 @@ class RecordingLink:
         self.sent.extend(messages)
 
     async def aclose(self) -> None:
-        pass
+        self.closed = True
 
     def requests(self) -> list[int]:
         return [m.index for m in self.sent if isinstance(m, Request)]
