@@ -118,7 +118,7 @@ def head_patience(swarm_peers: int | None) -> float:
 def rotates_peers(swarm_peers: int | None) -> bool:
     """Whether an agent at its download-peer limit swaps one peer for another at every tracker
     answer (p2preg.peer_rotation), for a swarm with ``swarm_peers`` other peers (None: unknown,
-    taken as large). Only in large swarms: in smaller ones the 8 download peers reach most of
-    the swarm within a hop or two, and the swarms that fit in one handout keep the order their
-    members dial in (p2preg.handout)."""
+    taken as large). Only in large swarms, where it was measured: it drops a peer where our
+    requests were withdrawn, which head_patience does only there, and with 8 download peers a
+    dropped one is an eighth of what a node sees of the swarm."""
     return swarm_peers is None or swarm_peers > LARGE_SWARM_PEERS
