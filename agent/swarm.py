@@ -29,7 +29,7 @@ from agent.peer_link import PeerGone, PeerIdentity, PeerLink
 from p2preg.digest import Digest
 from p2preg.errors import LocalProtocolError, RemoteProtocolError
 from p2preg.metainfo import MetaInfo
-from p2preg.peer_rotation import peer_to_dial, peer_to_drop
+from p2preg.peer_rotation import only_source, peer_to_dial, peer_to_drop
 from p2preg.piece_picker import PiecePicker, queued_to_take_over
 from p2preg.swarm_limits import download_peers, head_patience, rotates_peers
 from p2preg.wire import (
@@ -198,12 +198,11 @@ class Swarm:
 
     def _dial_more(self, nursery: trio.Nursery) -> None:
         now = trio.current_time()
+        connected = {peer.link.address for peer in self.peers.values()}
         for address in self._addresses:
             if len(self.peers) + len(self._dialing) >= self._max_peers:
                 return
-            if address in self._dialing or now - self._failed.get(address, -1e9) < REDIAL_BACKOFF:
-                continue
-            if any(peer.link.address == address for peer in self.peers.values()):
+            if not self._may_dial(address, connected, now):
                 continue
             self._dialing.add(address)
             nursery.start_soon(self._peer_task, address)
@@ -520,13 +519,7 @@ class Swarm:
             return
         now = trio.current_time()
         connected = {peer.link.address for peer in peers}
-        options = [
-            address
-            for address in dict.fromkeys(handout)  # (in order, once each)
-            if address not in connected
-            and address not in self._dialing
-            and now - self._failed.get(address, -1e9) >= REDIAL_BACKOFF
-        ]
+        options = [a for a in dict.fromkeys(handout) if self._may_dial(a, connected, now)]
         if not options:
             return
         out = peer_to_drop(counts, self._sole_source)
@@ -545,13 +538,18 @@ class Swarm:
         self._wakeup.set()
         await out.link.aclose()
 
+    def _may_dial(self, address: str, connected: set[str], now: float) -> bool:
+        """``address`` is not a peer of ours, not being dialled, and not dropped or failed
+        within REDIAL_BACKOFF."""
+        return (
+            address not in connected
+            and address not in self._dialing
+            and now - self._failed.get(address, -1e9) >= REDIAL_BACKOFF
+        )
+
     def _sole_source(self, peer: _Peer) -> bool:
         """``peer`` is the only one of our peers holding some piece we lack."""
-        availability = self.picker.availability
-        have = self.picker.have
-        return peer.counted and any(
-            availability[index] == 1 for index in peer.held if index not in have
-        )
+        return peer.counted and only_source(peer.held, self.picker.have, self.picker.availability)
 
     async def _drop_extra(self) -> None:
         """More peers than the limit (it fell: the swarm grew past a size): drop the ones with

@@ -26,17 +26,24 @@ and dials one from the answer:
   MiB/s: 1.33 -> 1.57 x the bound; at random, 1.32).
 
 The agent (agent/swarm.py, Swarm.rotate) and the simulator (simulations/simulator.py) both call
-these two functions.
+the functions below.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterable, Sequence
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 K = TypeVar("K")
 T = TypeVar("T")
+
+
+class _Pieces(Protocol):
+    """A set of piece indexes (a Bitfield, or the simulator's PieceSet)."""
+
+    def __contains__(self, index: int, /) -> bool: ...
+
 
 # Requests withdrawn at a peer since the last rotation before it may be dropped.
 MIN_STARVED = 1
@@ -61,3 +68,9 @@ def peer_to_dial(options: Sequence[T], rng: random.Random) -> T | None:
     if not options:
         return None
     return options[rng.randrange(len(options))]
+
+
+def only_source(held: Iterable[int], have: _Pieces, availability: Sequence[int]) -> bool:
+    """A peer holding ``held`` is the only one of ours with some piece we lack (we hold
+    ``have``; ``availability[i]``: how many of our peers hold piece i, that one included)."""
+    return any(availability[index] == 1 for index in held if index not in have)

@@ -66,7 +66,7 @@ from p2preg.metainfo import (
     piece_count,
     piece_length_for,
 )
-from p2preg.peer_rotation import peer_to_dial, peer_to_drop
+from p2preg.peer_rotation import only_source, peer_to_dial, peer_to_drop
 from p2preg.piece_picker import PiecePicker, queued_to_take_over
 from p2preg.swarm_limits import (
     DOWNLOAD_PEERS,
@@ -1734,8 +1734,7 @@ class Simulator:
         def sole_source(c: _Conn) -> bool:
             if not availability:
                 availability.extend(self._availability(node))
-            have = node.have
-            return any(availability[i] == 1 for i in c.src.have if i not in have)
+            return only_source(c.src.have, node.have, availability)
 
         out = peer_to_drop(counts, sole_source)
         if out is None:
