@@ -26,7 +26,7 @@ from p2preg.bitfield import Bitfield
 from p2preg.digest import Digest
 from p2preg.errors import ConfigError, LocalProtocolError, RemoteProtocolError
 from p2preg.metainfo import MetaInfo, piece_count, piece_hash, piece_length_for
-from p2preg.swarm_limits import super_seed_after_fetch, upload_slots
+from p2preg.swarm_limits import SUPER_SEED_HOLD, super_seed_after_fetch, upload_slots
 from p2preg.token_bucket import RateLimiter
 from p2preg.upload_order import upload_rank
 from p2preg.wire import (
@@ -209,6 +209,8 @@ class PeerServer:
         self._swarm_counts: dict[Digest, int] = {}  # the tracker's last count per blob (bounded)
         self._holdings: dict[Digest, HoldingsLookup] = {}  # blobs downloading (watch_holdings)
         self._live_links: set[PeerLink] = set()
+        # Per connected peer: (digest, piece) -> when super-seeding first refused it that piece.
+        self._first_refusals: dict[PeerLink, dict[tuple[Digest, int], float]] = {}
         self._connections = 0
         self._slots = UploadSlots(upload_slots(None))
         self.pieces_served = 0
@@ -336,6 +338,7 @@ class PeerServer:
             log.exception("serving peer %s failed", link.address)
         finally:
             self._live_links.discard(link)
+            self._first_refusals.pop(link, None)
             for subscribers in self._subscribers.values():
                 subscribers.discard(subscriber)
             await link.aclose()
@@ -408,7 +411,7 @@ class PeerServer:
             request.digest in self._fetched_from_origin
             and super_seed_after_fetch(self._swarm_counts.get(request.digest))
         )
-        if super_seeding and self._served_elsewhere(key, link):
+        if super_seeding and self._served_elsewhere(key, link) and self._still_held(key, link):
             # Super-seeding at the origin fetcher: once this agent fetches the blob from the
             # origin, a piece it already sent to a peer that is still connected is not sent
             # to a second one; that one gets it from the first. The fetcher's uplink is what
@@ -421,7 +424,9 @@ class PeerServer:
             # Also after the fetch, in a swarm that is not large: complete, the fetcher would
             # otherwise be the one peer that every node of a small swarm asks for what it lacks
             # (simulator, 16 nodes x 100 MiB, 15 download peers: 1.40x the bound with this,
-            # 1.93x without; p2preg.swarm_limits.super_seed_after_fetch).
+            # 1.93x without; p2preg.swarm_limits.super_seed_after_fetch). Each asker is refused
+            # a piece for SUPER_SEED_HOLD at most: one that asks again after that found nobody
+            # else to get it from (the first receiver may have no downloaders at all).
             await link.send(Reject(request.digest, request.index, "fetch it from a peer"))
             self.refusals += 1
             return
@@ -443,6 +448,15 @@ class PeerServer:
         self._slots.sent[key] += 1
         self.pieces_served += 1
         self.bytes_served += length
+
+    def _still_held(self, key: tuple[Digest, int], link: PeerLink) -> bool:
+        """Whether a refusal of ``key`` to ``link`` is within SUPER_SEED_HOLD of the first one
+        (which this call records if there was none)."""
+        now = trio.current_time()
+        refusals = self._first_refusals.setdefault(link, {})
+        if len(refusals) > 100_000:  # (bounded, like _recent_serves: at worst a new hold)
+            refusals.clear()
+        return now < refusals.setdefault(key, now) + SUPER_SEED_HOLD
 
     def _served_elsewhere(self, key: tuple[Digest, int], link: PeerLink) -> bool:
         other = self._recent_serves.get(key)

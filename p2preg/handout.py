@@ -11,7 +11,9 @@ candidates plus O(t log limit) for the t candidates of the tiers it needs to fil
 4. among seeders: the least handed out recently first (``load``), so one seeder does not get
    every requester of a rollout; among leechers: most pieces first in power-of-two buckets
    (bit length of the count), then the least handed out in steps of ``LEECHER_LOAD_GRAIN``
-   handouts, then the most pieces;
+   handouts, then the most pieces; except in a swarm whose nodes do not rotate peers (at most
+   ``LARGE_SWARM_PEERS`` others, p2preg.swarm_limits.rotates_peers), where the load step comes
+   first and the bucket second (below);
 5. random among equals (a seeded ``random.Random`` makes the result reproducible).
 
 The tracker keeps ``load`` with :class:`HandoutLoad`, an exponentially decaying count of how often
@@ -50,6 +52,34 @@ variant tried):
     load ranked                1,000 nodes         10,000 nodes
     exact (before)             1.29/1.30/1.31      1.40/1.42/1.42
     in steps of 32 (now)       1.24/1.25/1.26      1.30/1.33/1.34
+
+In a swarm whose nodes do not rotate peers, the load step comes before the piece count: a node
+keeps the peers it dials there, so whom a handout lists first sets each peer's downloaders for
+good. Ranked pieces first, nodes that start over a few seconds, as in a real rollout, all
+dialled the same few: the first to start hold the most pieces, so every later requester was
+handed them first, and an agent dials a handout in its order. 300 nodes x 256 MiB @ 100 MiB/s,
+starts spread over 2 s (seed 4): 8 nodes had 124-153 downloaders each (3 upload slots), 156
+had none, and the rollout crawled (p50 45.7 s against a bound of 2.56 s, with the fetcher
+refusing each asker a piece only once; with no limit on its refusals it stalled outright:
+p2preg.swarm_limits.SUPER_SEED_HOLD). Load first, a peer is listed near the top for about
+``LEECHER_LOAD_GRAIN`` handouts, then the next ones are: 0-17 downloaders each, p50 3.9 s, max
+4.7 s (seeds 4 and 5: 1.52x and 1.84x the bound). In an announce storm every count is small
+and equal, so nothing changes there. In larger swarms, where nodes rotate a peer a second
+(which spreads the downloaders), load first made 1,000 nodes x 1 GiB slower (p50 / max
+1.18 / 1.19 -> 1.19 / 1.23x): the counts there are mostly those rotation handouts, of which
+a node dials one peer. (The tracker records every answer's peers, the simulator only the
+answers a node uses: in the tracker the peers listed first gain load faster, so their places
+at the top turn over sooner, which spreads the dials further.) Simulated, p50 / p99 / mean max
+x the bound over 10 seeds (100 MiB @ 10 MiB/s) and 2 (1 GiB @ 100 MiB/s), pieces first ->
+load first, both with the hold:
+
+    16 nodes                  1.17/1.19/1.19 -> 1.17/1.19/1.19
+    24 nodes                  1.29/1.37/1.37 -> 1.20/1.23/1.23
+    32 nodes                  1.30/1.43/1.43 -> 1.22/1.25/1.25
+    16, starts over 1 s       1.20/1.29/1.29 -> 1.17/1.20/1.20
+    64, starts over 1 s       1.41/1.57/1.57 -> 1.39/1.53/1.53
+    64 x 1 GiB                1.22/1.35/1.35 -> 1.20/1.35/1.35
+    200 x 1 GiB               1.28/1.40/1.56 -> 1.26/1.39/1.44
 """
 
 from __future__ import annotations
@@ -60,6 +90,8 @@ import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from p2preg.swarm_limits import rotates_peers
 
 PEER_ID_BYTES = 16
 # Records of one tier ranked per announce; a bigger tier is sampled down to this many.
@@ -104,11 +136,15 @@ def choose_peers(
     limit: int,
     rng: random.Random,
     load: Mapping[bytes, float],
+    swarm_peers: int | None = None,
 ) -> list[PeerRecord]:
-    """Up to ``limit`` peers from ``candidates`` for ``requester``, most preferred first."""
+    """Up to ``limit`` peers from ``candidates`` for ``requester``, most preferred first, in a
+    swarm of ``swarm_peers`` others (None: unknown, taken as large: see the module's order)."""
     if limit <= 0 or not candidates:
         return []
     me, my_zone = requester.peer_id, requester.zone
+    # Where nodes keep the peers they dial, the load goes first (module docstring).
+    load_first = not rotates_peers(swarm_peers)
     if len({record.peer_id for record in candidates}) != len(candidates):
         candidates = _newest_per_peer(candidates)
     # Tiers: same-zone seeders, same-zone leechers, other seeders, other leechers. Only the
@@ -124,7 +160,7 @@ def choose_peers(
         if room <= 0:
             break
         if tier:
-            chosen += _best(tier, room, index % 2 == 1, rng, load)
+            chosen += _best(tier, room, index % 2 == 1, rng, load, load_first)
     return chosen
 
 
@@ -134,8 +170,10 @@ def _best(
     leechers: bool,
     rng: random.Random,
     load: Mapping[bytes, float],
+    load_first: bool,
 ) -> list[PeerRecord]:
     """The ``room`` best of one tier, best first: seeders by ``(load, random)``, leechers by
+    ``(load // LEECHER_LOAD_GRAIN, -bucket(pieces), -pieces, random)`` if ``load_first``, else
     ``(-bucket(pieces), load // LEECHER_LOAD_GRAIN, -pieces, random)`` (``load`` itself when
     the whole tier fits in ``room``), where bucket is the bit length."""
     get = load.get
@@ -148,10 +186,16 @@ def _best(
         loads = [get(r.peer_id, 0) for r in tier]
         if len(tier) > room:
             loads = [value // LEECHER_LOAD_GRAIN for value in loads]
-        keys = [
-            (-r.pieces.bit_length(), value, -r.pieces, x)
-            for r, value, x in zip(tier, loads, draws, strict=True)
-        ]
+        if load_first:
+            keys = [
+                (value, -r.pieces.bit_length(), -r.pieces, x)
+                for r, value, x in zip(tier, loads, draws, strict=True)
+            ]
+        else:
+            keys = [
+                (-r.pieces.bit_length(), value, -r.pieces, x)
+                for r, value, x in zip(tier, loads, draws, strict=True)
+            ]
     else:
         keys = [(get(r.peer_id, 0), x) for r, x in zip(tier, draws, strict=True)]
     return _smallest(tier, keys, room)

@@ -45,10 +45,10 @@ import time
 from array import array
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from heapq import heappop, heappush
+from heapq import heappush
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, TextIO, cast
+from typing import Any, Protocol, TextIO, cast
 
 from p2preg.errors import ConfigError
 from p2preg.handout import (
@@ -70,6 +70,7 @@ from p2preg.peer_rotation import only_source, peer_to_dial, peer_to_drop
 from p2preg.piece_picker import PiecePicker, queued_to_take_over
 from p2preg.swarm_limits import (
     DOWNLOAD_PEERS,
+    SUPER_SEED_HOLD,
     download_peers,
     head_patience,
     rotates_peers,
@@ -106,9 +107,20 @@ MAX_NODE_PIECES = 10**9
 _INF = math.inf
 
 PickerFactory = Callable[[int, random.Random], PiecePicker]
-HandoutPolicy = Callable[
-    [Sequence[PeerRecord], Requester, int, random.Random, Mapping[bytes, float]], list[PeerRecord]
-]
+
+
+class HandoutPolicy(Protocol):
+    """The tracker's handout (p2preg.handout.choose_peers) or a stand-in for it."""
+
+    def __call__(
+        self,
+        candidates: Sequence[PeerRecord],
+        requester: Requester,
+        limit: int,
+        rng: random.Random,
+        load: Mapping[bytes, float],
+        swarm_peers: int | None = None,
+    ) -> list[PeerRecord]: ...
 
 
 def default_picker(num_pieces: int, rng: random.Random) -> PiecePicker:
@@ -227,7 +239,6 @@ class _Node:
         "last_progress",
         "n_down",
         "n_up",
-        "n_waiting",
         "next_handout",
         "origin_conn",
         "patience",
@@ -251,7 +262,7 @@ class _Node:
         "swarming",
         "up",
         "uploads",
-        "wait_heap",
+        "waiters",
         "wake_at",
         "zone",
     )
@@ -307,9 +318,9 @@ class _Node:
         self.handed: list[int] = []  # the tracker's last answer (node indexes)
         self.slots = self.slot_limit  # free ones (below zero after a resize down)
         self.sending: list[_Conn] = []  # active flows out (at most slot_limit)
-        self.n_waiting = 0  # connections waiting for a slot (their token: _Conn.wait_*)
-        # (upload_rank of its head request, arrival, tie-break, push number, conn) (_grant)
-        self.wait_heap: list[tuple[tuple[int, int, int], float, float, int, _Conn]] = []
+        # The connections whose head request waits for a slot (arrival and tie-break:
+        # _Conn.wait_at, wait_tie), in no particular order: _grant ranks them as they are then.
+        self.waiters: dict[_Conn, None] = {}
         self.sent = bytearray(0)
         self.served: list[_Conn | None] = []  # per piece (allocated when the node starts)
 
@@ -346,6 +357,7 @@ class _Conn:
         "queue",
         "rate",
         "refused",
+        "refused_here",
         "remaining",
         "req_at",
         "src",
@@ -354,8 +366,6 @@ class _Conn:
         "tdue",
         "ver",
         "wait_at",
-        "wait_push",
-        "wait_rank",
         "wait_serial",
         "wait_tie",
         "waiting",
@@ -379,12 +389,13 @@ class _Conn:
         self.waiting = False  # its head request waits for an upload slot, since ...
         self.wait_at = 0.0  # ... this time, with this random tie-break (_send, _grant)
         self.wait_tie = 0.0
-        self.wait_push = 0  # its current entry in the sender's wait_heap (older ones are stale)
-        self.wait_rank: tuple[int, int, int] = (0, 0, 0)  # ... and that entry's rank
         self.wait_serial = 0  # bumps when a head starts waiting (its _WITHDRAW event's version)
         self.open = True
         self.dry = False  # the last pick found nothing more to ask this peer
         self.refused: dict[int, float] = {}  # piece -> when this peer refused it
+        # Super-seeding at its sender: piece -> when the sender first refused it on this
+        # connection (it serves it SUPER_SEED_HOLD later; p2preg.swarm_limits).
+        self.refused_here: dict[int, float] = {}
         self.delivered_at = 0.0  # when it last delivered a piece (or connected)
         # Since the last rotation (Simulator._rotate): pieces delivered, requests withdrawn.
         self.delivered = 0
@@ -588,7 +599,6 @@ class Simulator:
         self.dirty_links: dict[_Link, None] = {}
         self.dial: dict[_Node, None] = {}
         self.stamp = 0
-        self.pushes = 0  # heap entries of upload-slot waiters (a unique tie-break)
         self.grant: dict[_Node, None] = {}  # senders with a free slot and waiters
         self.remaining_nodes = config.nodes  # alive and not complete
         self.origin_bytes = 0
@@ -960,8 +970,7 @@ class Simulator:
         c.waiting = True
         c.wait_at = now
         c.wait_tie = tie
-        src.n_waiting += 1
-        self._wait_again(c)
+        src.waiters[c] = None
         patience = c.dst.patience
         if patience < _INF:  # the requester withdraws it if no slot comes in time (_withdraw)
             c.wait_serial += 1
@@ -976,7 +985,8 @@ class Simulator:
         """``c`` holds an upload slot: send its head piece. If its sender fetched the blob from
         the origin, a piece it already sent to another peer that is still connected is refused
         (super-seeding at the origin fetcher: its uplink brings new pieces into the swarm, so
-        it carries each piece once, also after its fetch); the requester asks elsewhere."""
+        it carries each piece once, also after its fetch); the requester asks elsewhere. Not
+        after SUPER_SEED_HOLD since it first refused this requester that piece."""
         src = c.src
         queue = c.queue
         served = src.served
@@ -987,7 +997,12 @@ class Simulator:
             index = queue[0]
             if super_seeding:
                 other = served[index]
-                if other is not None and other is not c and other.open:
+                if (
+                    other is not None
+                    and other is not c
+                    and other.open
+                    and now < c.refused_here.setdefault(index, now) + SUPER_SEED_HOLD
+                ):
                     del queue[0]
                     del c.req_at[0]
                     self._refused(c, index, now)
@@ -1000,7 +1015,7 @@ class Simulator:
     def _release(self, src: _Node, now: float) -> None:
         """A slot of ``src`` is free: granted at the end of the batch (_grant)."""
         src.slots += 1
-        if src.n_waiting:
+        if src.waiters:
             self.grant[src] = None
 
     def _grant(self, src: _Node, now: float) -> None:
@@ -1008,30 +1023,24 @@ class Simulator:
         that are not busy, then the piece ``src`` has sent least often, then the requester
         holding fewest pieces), then to the ones that waited longest (agent/peer_server.py,
         UploadSlots)."""
-        heap = src.wait_heap
-        while src.slots > 0 and src.n_waiting and src.alive:
-            # A heap of (rank of the head request when pushed, arrival, random, push number,
-            # conn). Sent and held counts only grow, and so do ranks, but for the requester's
-            # busy flag: a requester that stops being busy has its waiting requests pushed
-            # again with their lower rank (_arrival_ended). So an entry whose rank is stale is
-            # re-pushed with the current one, and the first up-to-date entry is the agent's
-            # min(). Entries of connections that stopped waiting, or were pushed again since,
-            # are dropped.
-            rank, _, _, push, best = heappop(heap)
-            if not best.waiting or best.wait_push != push:
-                continue
-            if self._rank_of(best) != rank:
-                self._wait_again(best)
-                continue
+        # The agent's min() over its waiters, ranked as they are now: the sender's counts, the
+        # requester's held count and busy flag all change while a request waits. (A heap
+        # keyed by the rank at the time of queueing, re-pushed when it was stale, cost three
+        # times as much: nearly every entry was stale by the time it surfaced, 22 waiters per
+        # grant on average at 1,000 nodes.)
+        waiters = src.waiters
+        key = self._wait_key
+        while src.slots > 0 and waiters and src.alive:
+            best = min(waiters, key=key)
+            del waiters[best]
             best.waiting = False
-            src.n_waiting -= 1
             src.slots -= 1
             self._take(best, now)
 
     def _unwait(self, c: _Conn) -> None:
         if c.waiting:
             c.waiting = False
-            c.src.n_waiting -= 1
+            del c.src.waiters[c]
 
     def _refused(self, c: _Conn, index: int, now: float) -> None:
         self.stats["refusals"] += 1
@@ -1126,8 +1135,6 @@ class Simulator:
             dst.share = dst.down / dst.n_down
         if src is not self.origin:
             dst.arriving -= 1
-            if dst.arriving == BUSY_INCOMING_PIECES - 1:
-                self._arrival_ended(dst)
         self.dirty[src] = None
         self.dirty[dst] = None
         link = c.link
@@ -1138,31 +1145,17 @@ class Simulator:
             del link.conns[c]
             self.dirty_links[link] = None
 
-    def _arrival_ended(self, node: _Node) -> None:
-        """``node`` is no longer busy (it tells its peers at once, agent/incoming_pieces.py):
-        its waiting requests rank lower now, so they take their new place at their senders
-        (the ones queued while it was busy: the others' entries are up to date)."""
-        for c in node.downloads.values():
-            if c.waiting and c.wait_rank[0]:
-                self._wait_again(c)
-
-    def _wait_again(self, c: _Conn) -> None:
-        """``c``'s waiting head request gets a (new) entry at its sender, with its current rank
-        and its arrival and tie-break (_send sets them; later only the rank may change)."""
-        self.pushes += 1
-        c.wait_push = self.pushes
-        rank = c.wait_rank = self._rank_of(c)
-        heappush(c.src.wait_heap, (rank, c.wait_at, c.wait_tie, self.pushes, c))
-
     @staticmethod
-    def _rank_of(c: _Conn) -> tuple[int, int, int]:
-        """The p2preg.upload_order rank of ``c``'s head request at its sender, now. (The
+    def _wait_key(c: _Conn) -> tuple[tuple[int, int, int], float, float]:
+        """The order of ``c``'s waiting head request at its sender, now: its p2preg.upload_order
+        rank, then the longest waiting, then the slot race's random tie-break (_send). (The
         requester's count as it is now: an agent tells the peers it waits at at most 0.25 s
         late, agent/swarm.py _tell_progress; a few pieces' difference. Its busy flag as it is
         now: the agent's busy message goes out the moment it changes.)"""
         dst = c.dst
         busy = dst.arriving >= BUSY_INCOMING_PIECES
-        return upload_rank(c.src.sent[c.queue[0]], len(dst.have), busy)
+        rank = upload_rank(c.src.sent[c.queue[0]], len(dst.have), busy)
+        return (rank, c.wait_at, c.wait_tie)
 
     def _piece_done(self, c: _Conn, now: float) -> None:
         """The head piece of ``c`` arrived (the hot path: written for speed)."""
@@ -1205,7 +1198,7 @@ class Simulator:
             src.slots += 1  # (_release)
             if queue:
                 self._send(c, now)
-            elif src.n_waiting:
+            elif src.waiters:
                 self.grant[src] = None
             return
         if c.open:
@@ -1325,8 +1318,6 @@ class Simulator:
                         self._send(c, now)
                 elif not c.queue:
                     self._unwait(c)
-                elif c.waiting:  # a new head: its place among the waiters may be earlier
-                    self._wait_again(c)
 
     def _fill(self, c: _Conn, now: float) -> None:
         """Top up a connection's requests to ``depth`` with the picker's choices.
@@ -1635,10 +1626,13 @@ class Simulator:
             record, HANDOUT_LIMIT, self.policy_rng, self.cfg.handout_sample
         )
         load = self.load.snapshot([r.peer_id for r in candidates], now)
-        chosen = self.handout(candidates, record, HANDOUT_LIMIT, self.policy_rng, load)
+        others = len(self.tiers) - 1  # the swarm count, less itself
+        chosen = self.handout(
+            candidates, record, HANDOUT_LIMIT, self.policy_rng, load, swarm_peers=others
+        )
         self.load.record([r.peer_id for r in chosen], now)
         self.stats["handouts"] += 1
-        self._size_for_swarm(node, len(self.tiers) - 1, now)  # the swarm count, less itself
+        self._size_for_swarm(node, others, now)
         known = node.addr_index
         node.handed = [int.from_bytes(r.peer_id, "big") for r in chosen]
         for r in chosen:
@@ -1671,7 +1665,7 @@ class Simulator:
         if limit != node.slot_limit:
             node.slots += limit - node.slot_limit
             node.slot_limit = limit
-            if node.slots > 0 and node.n_waiting:
+            if node.slots > 0 and node.waiters:
                 self.grant[node] = None
 
     def _sweep(self, now: float) -> None:

@@ -309,9 +309,11 @@ class TrackerAPI:
             digest, record, self.config.max_peers, self._rng, now
         )
         load = await self.store.handout_load([c.peer_id for c in candidates], now)
-        chosen = choose_peers(candidates, record, self.config.max_peers, self._rng, load)
-        await self.store.record_handout([c.peer_id for c in chosen], now)
         swarm = await self.store.swarm_size(digest, now)
+        chosen = choose_peers(
+            candidates, record, self.config.max_peers, self._rng, load, swarm_peers=swarm - 1
+        )
+        await self.store.record_handout([c.peer_id for c in chosen], now)
         return msgpack_response(
             200,
             {

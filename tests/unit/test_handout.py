@@ -19,6 +19,7 @@ from p2preg.handout import (
     PeerTiers,
     choose_peers,
 )
+from p2preg.swarm_limits import LARGE_SWARM_PEERS
 
 ZONES = ("a", "b", "c")
 POOL = [bytes([i]) * 16 for i in range(24)]
@@ -73,22 +74,49 @@ def test_basic_guarantees(
     assert all(others[peer.peer_id] is peer for peer in chosen)
 
 
-@given(swarms, requesters, st.integers(1, 50), loads, st.integers(0, 2**32))
+@given(
+    swarms,
+    requesters,
+    st.integers(1, 50),
+    loads,
+    st.integers(0, 2**32),
+    st.sampled_from([None, 40, LARGE_SWARM_PEERS + 1]),
+)
 def test_order_zone_then_seeders_then_load(
-    candidates: list[PeerRecord], me: PeerRef, limit: int, load: dict[bytes, int], seed: int
+    candidates: list[PeerRecord],
+    me: PeerRef,
+    limit: int,
+    load: dict[bytes, int],
+    seed: int,
+    swarm_peers: int | None,
 ) -> None:
-    chosen = choose_peers(candidates, me, limit, random.Random(seed), load)
+    chosen = choose_peers(candidates, me, limit, random.Random(seed), load, swarm_peers)
+    load_first = swarm_peers is not None and swarm_peers <= LARGE_SWARM_PEERS
+    step = LEECHER_LOAD_GRAIN
     for before, after in itertools.pairwise(chosen):
         same_before, same_after = before.zone == me.zone, after.zone == me.zone
         assert same_before or not same_after, "a same-zone peer came after another zone's"
         if same_before == same_after:
             assert before.complete or not after.complete, "a seeder came after a leecher"
+            early, late = load.get(before.peer_id, 0), load.get(after.peer_id, 0)
+            bucket_early, bucket_late = before.pieces.bit_length(), after.pieces.bit_length()
             if before.complete and after.complete:
-                assert load.get(before.peer_id, 0) <= load.get(after.peer_id, 0)
-            elif not before.complete and before.pieces.bit_length() == after.pieces.bit_length():
-                # Leechers with as many pieces (in power-of-two buckets): by load, in steps.
-                step = LEECHER_LOAD_GRAIN
-                assert load.get(before.peer_id, 0) // step <= load.get(after.peer_id, 0) // step
+                assert early <= late
+            elif before.complete:
+                pass  # (the last seeder, then the first leecher)
+            elif load_first:
+                # Leechers where nodes keep their peers: by load in steps, then by pieces in
+                # power-of-two buckets (a tier handed out whole is ranked by the exact load,
+                # which keeps the steps' order).
+                assert early // step <= late // step
+                if early == late:
+                    assert bucket_early >= bucket_late
+            else:
+                # Leechers in a swarm that rotates peers (or of unknown size): by pieces in
+                # buckets, then by load in steps.
+                assert bucket_early >= bucket_late
+                if bucket_early == bucket_late:
+                    assert early // step <= late // step
 
 
 @given(swarms, requesters, st.integers(1, 10), loads, st.integers(0, 2**32))
@@ -117,6 +145,24 @@ def test_leechers_with_more_pieces_first(pieces: list[int], seed: int) -> None:
     chosen = choose_peers(candidates, PeerRef(POOL[0], "a"), len(pieces), random.Random(seed), {})
     held = [peer.pieces for peer in chosen]
     assert held == sorted(held, reverse=True)
+
+
+def test_leechers_handed_out_often_go_behind_those_with_fewer_pieces() -> None:
+    """Nodes that start over a few seconds: the first ones hold the most pieces. Ranked by
+    pieces first, every later requester would be handed them first and dial them all."""
+    early = [record(i, pieces=200) for i in range(1, 9)]
+    late = [record(i, pieces=3) for i in range(9, 24)]
+    load = {peer.peer_id: 2.0 * LEECHER_LOAD_GRAIN for peer in early}
+    me = PeerRef(POOL[0], "a")
+    chosen = choose_peers(early + late, me, 10, random.Random(1), load, swarm_peers=23)
+    assert [peer.pieces for peer in chosen] == [3] * 10
+    fresh = choose_peers(early + late, me, 10, random.Random(1), {}, swarm_peers=23)
+    assert [peer.pieces for peer in fresh] == [200] * 8 + [3] * 2
+    # Where nodes rotate a peer a second, pieces still come first.
+    rotating = choose_peers(
+        early + late, me, 10, random.Random(1), load, swarm_peers=LARGE_SWARM_PEERS + 1
+    )
+    assert [peer.pieces for peer in rotating] == [200] * 8 + [3] * 2
 
 
 def test_hot_seeder_demoted_but_seeders_still_before_leechers() -> None:

@@ -1,6 +1,7 @@
 """Super-seeding at the origin fetcher (agent/peer_server.py): an agent that fetched a blob from
 the origin sends each piece to one peer; a second asker is refused while the first receiver is
-still connected. During the fetch and after it (p2preg.swarm_limits explains why)."""
+still connected, for at most SUPER_SEED_HOLD per asker. During the fetch and after it
+(p2preg.swarm_limits explains why)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from agent.content_store import ContentStore
 from agent.peer_server import PeerServer, PieceSource
 from p2preg.bitfield import Bitfield
 from p2preg.digest import Digest
 from p2preg.metainfo import MetaInfo, piece_hash
-from p2preg.swarm_limits import LARGE_SWARM_PEERS
+from p2preg.swarm_limits import LARGE_SWARM_PEERS, SUPER_SEED_HOLD
 from p2preg.token_bucket import RateLimiter
 from p2preg.wire import Message, Reject, Request
 
@@ -107,6 +109,37 @@ async def test_the_fetcher_refuses_repeats_during_and_after_its_fetch(
     await server._request(late, Request(digest, 1))  # type: ignore[arg-type]
     assert late.sent == [("piece", 1, PIECE)]  # the first receiver left: served again
     assert server.refusals == 2
+
+
+async def test_an_asker_refused_a_piece_gets_it_once_the_hold_is_over(
+    tmp_path: Path, blob: tuple[Digest, MetaInfo, Path], autojump_clock: trio.abc.Clock
+) -> None:
+    """The first receiver may pass the piece on to nobody (no peer downloads from it): an
+    asker that still wants it from the fetcher SUPER_SEED_HOLD after its first refusal gets
+    it. The hold is per asker and per piece, counted from the first refusal."""
+    digest = blob[0]
+    server, _, first, second = _fetcher(tmp_path, blob, 15)
+    third = RecordingLink("third")
+    server._live_links.add(third)  # type: ignore[arg-type]
+    await server._request(first, Request(digest, 0))  # type: ignore[arg-type]
+    await server._request(first, Request(digest, 1))  # type: ignore[arg-type]
+    await server._request(second, Request(digest, 0))  # type: ignore[arg-type]
+    assert isinstance(second.sent[-1], Reject)
+    await trio.sleep(SUPER_SEED_HOLD * 0.75)
+    await server._request(second, Request(digest, 0))  # type: ignore[arg-type]
+    assert isinstance(second.sent[-1], Reject)  # within the hold (from the first refusal)
+    await server._request(second, Request(digest, 1))  # type: ignore[arg-type]
+    assert isinstance(second.sent[-1], Reject)  # another piece: its own hold starts now
+    await server._request(third, Request(digest, 0))  # type: ignore[arg-type]
+    assert isinstance(third.sent[-1], Reject)  # another asker: its own hold starts now
+    await trio.sleep(SUPER_SEED_HOLD * 0.5)
+    await server._request(second, Request(digest, 0))  # type: ignore[arg-type]
+    assert second.sent[-1] == ("piece", 0, PIECE)  # the hold is over: served
+    await server._request(second, Request(digest, 1))  # type: ignore[arg-type]
+    assert isinstance(second.sent[-1], Reject)
+    await server._request(third, Request(digest, 0))  # type: ignore[arg-type]
+    assert isinstance(third.sent[-1], Reject)
+    assert server.refusals == 6
 
 
 async def test_in_a_large_swarm_the_fetcher_stops_refusing_once_its_fetch_is_done(
