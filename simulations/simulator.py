@@ -319,7 +319,7 @@ class _Node:
         self.slots = self.slot_limit  # free ones (below zero after a resize down)
         self.sending: list[_Conn] = []  # active flows out (at most slot_limit)
         # The connections whose head request waits for a slot (arrival and tie-break:
-        # _Conn.wait_at, wait_tie), in no particular order: _grant ranks them as they are then.
+        # _Conn.wait_order), in no particular order: _grant ranks them as they are then.
         self.waiters: dict[_Conn, None] = {}
         self.sent = bytearray(0)
         self.served: list[_Conn | None] = []  # per piece (allocated when the node starts)
@@ -365,9 +365,8 @@ class _Conn:
         "stash",
         "tdue",
         "ver",
-        "wait_at",
+        "wait_order",
         "wait_serial",
-        "wait_tie",
         "waiting",
         "withdrawn",
     )
@@ -387,8 +386,9 @@ class _Conn:
         self.tdue = math.inf  # when its pending timeout check fires (inf: none pending)
         self.active = False  # its head piece is being sent (holds an upload slot)
         self.waiting = False  # its head request waits for an upload slot, since ...
-        self.wait_at = 0.0  # ... this time, with this random tie-break (_send, _grant)
-        self.wait_tie = 0.0
+        # ... since when, and a random tie-break for requests queued at the same moment: the
+        # order among waiters of equal rank (_send, _grant)
+        self.wait_order = (0.0, 0.0)
         self.wait_serial = 0  # bumps when a head starts waiting (its _WITHDRAW event's version)
         self.open = True
         self.dry = False  # the last pick found nothing more to ask this peer
@@ -968,8 +968,7 @@ class Simulator:
         # at the same moment race in the agent, so none may win by the simulator's order.
         tie = self.order_random()
         c.waiting = True
-        c.wait_at = now
-        c.wait_tie = tie
+        c.wait_order = (now, tie)
         src.waiters[c] = None
         patience = c.dst.patience
         if patience < _INF:  # the requester withdraws it if no slot comes in time (_withdraw)
@@ -1031,7 +1030,20 @@ class Simulator:
         # entries for 22 live waiters per grant, and 1,000 nodes x 256 MiB took 57.5 s of CPU
         # against 44.5 s this way.)
         waiters = src.waiters
-        key = self._wait_key
+        sent = src.sent
+
+        def key(
+            c: _Conn, rank: Callable[..., tuple[int, int, int]] = upload_rank
+        ) -> tuple[tuple[int, int, int], tuple[float, float]]:
+            # The p2preg.upload_order rank of c's head request now, then (the longest waiting,
+            # the slot race's random tie-break: _send). The requester's count as it is now (an
+            # agent tells the peers it waits at at most 0.25 s late, agent/swarm.py
+            # _tell_progress: a few pieces' difference); its busy flag as it is now (the
+            # agent's busy message goes out the moment it changes).
+            dst = c.dst
+            busy = dst.arriving >= BUSY_INCOMING_PIECES
+            return (rank(sent[c.queue[0]], len(dst.have), busy), c.wait_order)
+
         while src.slots > 0 and waiters and src.alive:
             best = min(waiters, key=key)
             del waiters[best]
@@ -1146,18 +1158,6 @@ class Simulator:
                 link.share = link.cap / link.n
             del link.conns[c]
             self.dirty_links[link] = None
-
-    @staticmethod
-    def _wait_key(c: _Conn) -> tuple[tuple[int, int, int], float, float]:
-        """The order of ``c``'s waiting head request at its sender, now: its p2preg.upload_order
-        rank, then the longest waiting, then the slot race's random tie-break (_send). (The
-        requester's count as it is now: an agent tells the peers it waits at at most 0.25 s
-        late, agent/swarm.py _tell_progress; a few pieces' difference. Its busy flag as it is
-        now: the agent's busy message goes out the moment it changes.)"""
-        dst = c.dst
-        busy = dst.arriving >= BUSY_INCOMING_PIECES
-        rank = upload_rank(c.src.sent[c.queue[0]], len(dst.have), busy)
-        return (rank, c.wait_at, c.wait_tie)
 
     def _piece_done(self, c: _Conn, now: float) -> None:
         """The head piece of ``c`` arrived (the hot path: written for speed)."""
