@@ -63,7 +63,7 @@ had none, and the rollout crawled (p50 45.7 s against a bound of 2.56 s, with th
 refusing each asker a piece only once; with no limit on its refusals it stalled outright:
 p2preg.swarm_limits.SUPER_SEED_HOLD). Load first, a peer is listed near the top for about
 ``LEECHER_LOAD_GRAIN`` handouts, then the next ones are: 0-17 downloaders each, p50 3.9 s, max
-4.7 s (seeds 4 and 5: 1.52x and 1.84x the bound). In an announce storm every count is small
+4.6 s (the last node starts at 2 s). In an announce storm every count is small
 and equal, so nothing changes there. In larger swarms, where nodes rotate a peer a second
 (which spreads the downloaders), load first made 1,000 nodes x 1 GiB slower (p50 / max
 1.18 / 1.19 -> 1.19 / 1.23x): the counts there are mostly those rotation handouts, of which
@@ -77,9 +77,9 @@ load first, both with the hold:
     24 nodes                  1.29/1.37/1.37 -> 1.20/1.23/1.23
     32 nodes                  1.30/1.43/1.43 -> 1.22/1.25/1.25
     16, starts over 1 s       1.20/1.29/1.29 -> 1.17/1.20/1.20
-    64, starts over 1 s       1.41/1.57/1.57 -> 1.39/1.53/1.53
-    64 x 1 GiB                1.22/1.35/1.35 -> 1.20/1.35/1.35
-    200 x 1 GiB               1.28/1.40/1.56 -> 1.26/1.39/1.44
+    64, starts over 1 s       1.41/1.57/1.57 -> 1.38/1.57/1.57
+    64 x 1 GiB                1.22/1.35/1.35 -> 1.20/1.36/1.36
+    200 x 1 GiB               1.28/1.40/1.56 -> 1.26/1.39/1.45
 """
 
 from __future__ import annotations
