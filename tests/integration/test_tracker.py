@@ -21,6 +21,7 @@ from p2preg.cluster_auth import authorization_header, client_mac
 from p2preg.config import TrackerConfig
 from p2preg.digest import Digest
 from p2preg.errors import TrackerAuthError, TrackerConflict, TrackerUnavailable
+from p2preg.handout import LEECHER_LOAD_GRAIN
 from p2preg.http_server import Request, Response, bound_port, serve_http
 from p2preg.metainfo import MetaInfo
 from tracker.client import TrackerClient
@@ -235,6 +236,26 @@ async def test_the_swarm_count_goes_beyond_the_handout_limit(start_tracker, clie
     assert len(answer.peers) == 2 and answer.swarm == 5
     other = await peers[0].announce(OTHER_BLOB, addr="10.0.0.1:7000", complete=False, pieces=0)
     assert other.swarm == 1  # counted per blob
+
+
+async def test_a_small_swarms_often_handed_out_leecher_gives_way(start_tracker, clients) -> None:
+    """Where agents keep the peers they dial (p2preg.swarm_limits.rotates_peers is false), the
+    tracker ranks leechers by how often it handed them out before their pieces: the node that
+    started first holds the most pieces, and listed first to everyone it would get every
+    downloader (p2preg.handout). The tracker must pass its swarm count for that."""
+    tracker = await start_tracker(max_peers=2)
+    first = clients(tracker.url)
+    await first.announce(BLOB, addr="10.0.0.1:7000", complete=False, pieces=100)
+    for i in range(3):
+        later = clients(tracker.url)
+        await later.announce(BLOB, addr=f"10.0.0.{i + 2}:7000", complete=False, pieces=1)
+    asker = clients(tracker.url)
+    answers = []
+    for _ in range(2 * LEECHER_LOAD_GRAIN):
+        answer = await asker.announce(BLOB, addr="10.0.0.9:7000", complete=False, pieces=0)
+        answers.append([peer.peer_id for peer in answer.peers])
+    assert answers[0][0] == first.peer_id  # most pieces, and nobody was handed out yet
+    assert any(first.peer_id not in peers for peers in answers)  # (pieces first: never)
 
 
 async def test_client_refuses_a_tracker_that_does_not_know_the_secret(
