@@ -802,32 +802,40 @@ class Finished:
 
 
 def run_concurrently(
-    argvs: Sequence[Sequence[str]], timeout: float, tick: Callable[[int, float], None]
+    argvs: Sequence[Sequence[str]],
+    timeout: float,
+    tick: Callable[[int, float], None],
+    offsets: Sequence[float] | None = None,
 ) -> list[Finished]:
-    """Start every command at the same moment and wait (bounded by ``timeout`` + 15 s) for all.
+    """Start every command at the same moment, or command i ``offsets[i]`` seconds after the
+    common start, and wait (bounded by the last offset + ``timeout`` + 15 s) for all. Each
+    command's time is counted from the common start.
 
     ``tick(pending, elapsed)`` runs on every poll (CPU sampling, progress lines). Commands still
     running when this returns or raises are killed.
     """
-    processes: list[subprocess.Popen[str]] = []
+    delays = list(offsets) if offsets is not None else [0.0] * len(argvs)
+    if len(delays) != len(argvs) or not all(0 <= d < math.inf for d in delays):
+        raise ValueError("offsets: one finite delay >= 0 per command")
+    processes: dict[int, subprocess.Popen[str]] = {}
     exited_at: dict[int, float] = {}
+    to_start = sorted(range(len(argvs)), key=delays.__getitem__, reverse=True)  # next: last
     started = time.monotonic()
     try:
-        for argv in argvs:
-            processes.append(
-                subprocess.Popen(
-                    list(argv),
+        pending = set(range(len(argvs)))
+        deadline = started + max(delays, default=0.0) + timeout + 15
+        while pending:
+            while to_start and delays[to_start[-1]] <= time.monotonic() - started:
+                index = to_start.pop()
+                processes[index] = subprocess.Popen(
+                    list(argvs[index]),
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
                     text=True,
                     env=child_env(),
                 )
-            )
-        pending = set(range(len(processes)))
-        deadline = started + timeout + 15
-        while pending:
-            for index in sorted(pending):
+            for index in sorted(pending & processes.keys()):
                 if processes[index].poll() is not None:
                     exited_at[index] = time.monotonic() - started
                     pending.discard(index)
@@ -836,13 +844,13 @@ def run_concurrently(
                 raise BenchError(f"{len(pending)} pulls still running after {timeout + 15:.0f}s")
             time.sleep(POLL_INTERVAL)
         finished = []
-        for index, process in enumerate(processes):
-            stdout, stderr = process.communicate(timeout=5)
-            finished.append(Finished(exited_at[index], process.returncode, stdout, stderr))
+        for index in range(len(argvs)):
+            stdout, stderr = processes[index].communicate(timeout=5)
+            finished.append(Finished(exited_at[index], processes[index].returncode, stdout, stderr))
         return finished
     finally:
         with deferred_signals():
-            for process in processes:
+            for process in processes.values():
                 if process.poll() is None:
                     process.kill()
                     with contextlib.suppress(subprocess.TimeoutExpired):

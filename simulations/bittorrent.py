@@ -553,6 +553,7 @@ def run_bittorrent(
     per_node_rate: int | None = None,
     origin_rate: int | None = None,
     progress: Callable[[str], None] | None = None,
+    start_offsets: Sequence[float] | None = None,
 ) -> BtResult:
     """Distribute ``blob_path`` from ``seeder`` to every leecher with aria2c + opentracker.
 
@@ -561,11 +562,16 @@ def run_bittorrent(
     host (logs included) and may be removed afterwards. Raises BitTorrentError if setup fails or
     a completed file's sha256 differs from the blob's; leechers not done within ``deadline_s``
     are reported as None. Every process started here is stopped before this returns or raises.
+    ``start_offsets`` (seconds, one per leecher): unpause leecher i that long after t = 0
+    instead of all at once; completion times still count from t = 0.
     """
     say = progress or (lambda _message: None)
     names = [host.name for host in leechers]
     if not leechers or len(set(names)) != len(names) or seeder.name in names:
         raise BitTorrentError(f"leecher names must be unique and non-empty: {names}")
+    offsets = list(start_offsets) if start_offsets is not None else [0.0] * len(leechers)
+    if len(offsets) != len(leechers) or not all(0 <= o < math.inf for o in offsets):
+        raise BitTorrentError("start_offsets: one finite offset >= 0 per leecher")
     for tool in ("aria2c", "opentracker"):
         if shutil.which(tool) is None:
             raise BitTorrentError(f"{tool} is not installed (apt-get install -y aria2 opentracker)")
@@ -638,15 +644,19 @@ def run_bittorrent(
             )
         setup_s = time.monotonic() - setup_started
 
-        # t = 0: unpause every leecher back to back over open connections.
+        # t = 0: unpause every leecher back to back over open connections (or each at its
+        # offset; the completion hooks stamp the wall clock, so nothing is missed meanwhile).
         t0_wall, t0 = time.time(), time.monotonic()
-        for node in nodes[1:]:
+        skew = 0.0
+        for offset, node in sorted(zip(offsets, nodes[1:], strict=True), key=lambda x: x[0]):
+            time.sleep(max(0.0, t0 + offset - time.monotonic()))
             node.rpc.send("aria2.unpause", node.gid)
-        skew = time.monotonic() - t0
+            skew = max(skew, time.monotonic() - t0 - offset)
         for node in nodes[1:]:
             node.rpc.receive()
-        say(f"{len(leechers)} leechers started (within {skew * 1000:.1f} ms)")
-        notes.append(f"all leechers unpaused within {skew * 1000:.1f} ms of t = 0")
+        when = f"its offset (up to {max(offsets):.2f} s)" if any(offsets) else "t = 0"
+        say(f"{len(leechers)} leechers started, each within {skew * 1000:.1f} ms of {when}")
+        notes.append(f"all leechers unpaused, each within {skew * 1000:.1f} ms of {when}")
 
         completion = _watch(nodes[1:], blob_size, t0_wall, t0, deadline_s, say, notes)
 
@@ -953,7 +963,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 piece_length=piece_length,
                 deadline_s=deadline,
                 progress=say,
-                **limits,
+                per_node_rate=limits["per_node_rate"],
+                origin_rate=limits["origin_rate"],
             )
         except BitTorrentError as exc:
             say(f"error: {exc}")

@@ -35,6 +35,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import secrets
 import shutil
 import subprocess
@@ -52,7 +53,7 @@ import httpx
 
 from p2preg.errors import ConfigError
 from p2preg.metainfo import piece_length_for
-from p2preg.units import parse_size
+from p2preg.units import parse_duration, parse_size
 from simulations.bench_registry import (
     REPOSITORY,
     BenchError,
@@ -305,8 +306,10 @@ def run_image_pulls(
     monitor: CpuMonitor,
     egress: EgressSampler,
     label: str,
+    offsets: Sequence[float] | None = None,
 ) -> tuple[dict[str, float | None], dict[str, str]]:
-    """One curl per (node, base URL, namespace), all started at once; bounded wait for all."""
+    """One curl per (node, base URL, namespace), all started at once or each at its offset
+    from the common start (``offsets``, in the targets' order); bounded wait for all."""
     argvs = [wrap(pull_argv(image, base, timeout, extra), netns) for _, base, netns in targets]
     next_report = 5.0
 
@@ -320,7 +323,7 @@ def run_image_pulls(
 
     egress.start(time.monotonic())
     try:
-        finished = run_concurrently(argvs, timeout, tick)
+        finished = run_concurrently(argvs, timeout, tick, offsets)
     finally:
         egress.stop()
     times: dict[str, float | None] = {}
@@ -341,6 +344,12 @@ class Emulation:
     testbed: Testbed
     image: TestImage
     layer_path: Path  # a copy of the layer, for the BitTorrent seeder
+    # When each node's pull starts, in seconds after the common start (--start-spread), by
+    # node name; empty: all at once.
+    start_offsets: dict[str, float] = field(default_factory=dict)
+
+    def offsets(self, names: Sequence[str]) -> list[float] | None:
+        return [self.start_offsets[name] for name in names] if self.start_offsets else None
 
     def egress_reader(self) -> Callable[[], int] | None:
         """The origin's live egress: its veth's wire bytes (payload share) or the relay's count."""
@@ -366,7 +375,14 @@ class Emulation:
                 (a.node.name, f"http://{a.node.registry_addr}", a.node.netns) for a in agents
             ]
             result.completion_s, result.errors = run_image_pulls(
-                targets, self.image, timeout, [], monitor, egress := self.sampler(), "p2preg"
+                targets,
+                self.image,
+                timeout,
+                [],
+                monitor,
+                egress := self.sampler(),
+                "p2preg",
+                self.offsets([name for name, _, _ in targets]),
             )
             result.origin_egress = egress.samples
             cpu = monitor.finish()
@@ -414,6 +430,7 @@ class Emulation:
             monitor,
             egress := self.sampler(),
             "direct",
+            self.offsets([name for name, _, _ in targets]),
         )
         result.origin_egress = egress.samples
         result.cpu_busy = monitor.finish().machine_busy
@@ -467,7 +484,9 @@ class Emulation:
                 piece_length=piece_length,
                 deadline_s=timeout,
                 progress=lambda message: say(f"bittorrent: {message}"),
-                **rates,
+                start_offsets=self.offsets([host.name for host in leechers]),
+                per_node_rate=rates["per_node_rate"],
+                origin_rate=rates["origin_rate"],
             )
         finally:
             stop_monitor.set()
@@ -499,9 +518,16 @@ class Emulation:
 # --- the simulator's prediction for the same scenario --------------------------------------------
 
 
-def simulate_same(caps: Caps, piece_length: int, payload_fraction: float, seed: int) -> Any:
+def simulate_same(
+    caps: Caps,
+    piece_length: int,
+    payload_fraction: float,
+    seed: int,
+    start_offsets: Sequence[float] = (),
+) -> Any:
     """``p2preg simulate`` on this run's N, sizes and caps (payload rates: what tbf leaves for TCP
-    payload after Ethernet, IP and TCP headers), for the simulator-vs-emulator comparison."""
+    payload after Ethernet, IP and TCP headers) and the same start offsets, for the
+    simulator-vs-emulator comparison."""
     from simulations.simulator import SimConfig, simulate
 
     config = SimConfig(
@@ -512,6 +538,7 @@ def simulate_same(caps: Caps, piece_length: int, payload_fraction: float, seed: 
         origin_upload=caps.origin_rate * payload_fraction,
         piece_length=piece_length,
         seed=seed,
+        start_times=tuple(start_offsets),
     )
     return simulate(config)
 
@@ -613,6 +640,7 @@ class Report:
     clients: dict[str, str]
     load_before: float
     wall_s: float = 0.0
+    start_offsets: dict[str, float] = field(default_factory=dict)  # by node; empty: at once
 
     def text(self) -> str:
         c = self.caps
@@ -622,6 +650,14 @@ class Report:
             f"node links {c.node_rate / MiB:g} MiB/s up and down, origin "
             f"{c.origin_rate / MiB:g} MiB/s",
             f"shaping: {self.shaping_detail}",
+            *(
+                [
+                    f"starts: spread over {max(self.start_offsets.values()):.2f} s (the same "
+                    "offsets for every system); times count from the first start"
+                ]
+                if self.start_offsets
+                else []
+            ),
             c.describe_bound(),
             "",
             summary_table(self.results, c, self.simulated),
@@ -687,6 +723,7 @@ class Report:
                 "detail": self.shaping_detail,
             },
             "clients": self.clients,
+            "start_offsets_s": self.start_offsets,
             "systems": systems,
             "load_before": self.load_before,
             "wall_s": self.wall_s,
@@ -758,7 +795,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="skip the simulator's prediction for the same scenario",
     )
-    parser.add_argument("--seed", type=int, default=1, help="the simulator's seed (1)")
+    parser.add_argument(
+        "--start-spread",
+        default="0",
+        metavar="DURATION",
+        help="start the pulls at random moments over this long instead of all at once, as a "
+        "real rollout does (0; drawn with --seed; every system gets the same offsets)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=1, help="the simulator's seed and the start offsets' (1)"
+    )
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the full results here")
     parser.add_argument("--plot", type=Path, metavar="FILE.png", help="draw CDFs and egress here")
     parser.add_argument("--keep-logs", type=Path, metavar="DIR", help="copy the logs here")
@@ -784,6 +830,7 @@ class Options:
     plot: Path | None
     keep_logs: Path | None
     agent_src: Path | None = None
+    start_spread: float = 0.0  # seconds
 
 
 def options_from_args(args: argparse.Namespace) -> Options:
@@ -801,6 +848,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         else parse_size(args.piece_length, "--piece-length")
     )
     bt_piece_length = parse_size(args.bt_piece_length, "--bt-piece-length")
+    start_spread = parse_duration(args.start_spread, "--start-spread")
     if not 16 * 1024 <= bt_piece_length <= 64 * MiB:
         raise ConfigError("--bt-piece-length must be between 16KiB and 64MiB")
     if blob <= 0 or node_rate <= 0 or origin_rate <= 0:
@@ -809,6 +857,11 @@ def options_from_args(args: argparse.Namespace) -> Options:
         raise ConfigError("--piece-length must be a power of two, at least 64KiB")
     if not 1 <= args.nodes <= MAX_NODES:
         raise ConfigError(f"--nodes must be between 1 and {MAX_NODES}")
+    if not start_spread < blob / node_rate:
+        raise ConfigError(
+            f"--start-spread must be shorter than a node's own download, F/d = "
+            f"{blob / node_rate:.2f} s: longer, the pulls no longer overlap as a rollout's do"
+        )
     names = [b.strip() for b in args.baselines.split(",") if b.strip()]
     if names == ["none"]:
         names = []
@@ -857,7 +910,17 @@ def options_from_args(args: argparse.Namespace) -> Options:
         args.plot,
         args.keep_logs,
         agent_src,
+        start_spread,
     )
+
+
+def start_offsets(nodes: int, spread: float, seed: int) -> list[float]:
+    """When each node's pull starts after the common start: the first at once, the others
+    uniform over ``spread`` seconds (as ``p2preg simulate --start-spread`` draws them)."""
+    if spread <= 0:
+        return [0.0] * nodes
+    rng = random.Random(seed)
+    return [0.0] + [round(rng.uniform(0, spread), 3) for _ in range(nodes - 1)]
 
 
 def emulate(options: Options) -> Report:
@@ -899,7 +962,15 @@ def emulate(options: Options) -> Report:
         setup = Setup(
             work, layer, caps, secret_file, agent_env(options.agent_src), str(options.piece_length)
         )
-        emulation = Emulation(setup, testbed, image, layer.path)
+        offsets = start_offsets(caps.nodes, options.start_spread, options.seed)
+        if options.start_spread > 0:
+            say(f"pulls start over {options.start_spread:g} s: offsets {offsets}")
+            emulation_offsets = {
+                node.name: at for node, at in zip(testbed.nodes, offsets, strict=True)
+            }
+        else:
+            emulation_offsets = {}
+        emulation = Emulation(setup, testbed, image, layer.path, emulation_offsets)
         results: list[SystemResult] = []
         measures: list[tuple[str, Callable[[], SystemResult]]] = [
             ("p2preg", emulation.measure_p2preg)
@@ -930,7 +1001,15 @@ def emulate(options: Options) -> Report:
     simulated = None
     if options.simulate:
         fraction = PAYLOAD_FRACTION if options.shaping == "netns" else 1.0
-        simulated = simulate_same(caps, options.piece_length, fraction, options.seed)
+        simulated = simulate_same(
+            caps,
+            options.piece_length,
+            fraction,
+            options.seed,
+            [emulation.start_offsets[node.name] for node in testbed.nodes]
+            if emulation.start_offsets
+            else (),
+        )
     return Report(
         caps,
         options.shaping,
@@ -941,6 +1020,7 @@ def emulate(options: Options) -> Report:
         clients,
         load_before,
         time.monotonic() - started,
+        emulation.start_offsets,
     )
 
 

@@ -140,6 +140,9 @@ class SimConfig:
     fail_fraction: float = 0.0
     fail_window: float | None = None  # failures uniform in [0, this]; None: the bound
     start_spread: float = 0.0  # node start times uniform in [0, this]
+    # Each node's start time, given (the emulator's drawn offsets, for its prediction); when
+    # set, start_spread is not drawn from.
+    start_times: tuple[float, ...] = ()
     seed: int = 0
     # Model knobs (docs/simulator.md): pieces asked of the picker per call, events merged into
     # one batch.
@@ -201,6 +204,11 @@ class SimConfig:
             raise ConfigError("fail_nodes: (node, time) with 0 <= node < nodes and time >= 0")
         if self.start_spread < 0:
             raise ConfigError("--start-spread must not be negative")
+        if self.start_times and (
+            len(self.start_times) != self.nodes
+            or not all(0 <= at < math.inf for at in self.start_times)
+        ):
+            raise ConfigError("start_times: one finite time >= 0 per node")
         if self.pick_count < 1:
             raise ConfigError("--pick-count must be at least 1")
         if self.batch_window < 0:
@@ -487,7 +495,7 @@ class SimResult:
                     "fail_fraction": cfg.fail_fraction,
                     "max_peers": cfg.max_peers,
                     "replace_idle_s": cfg.replace_idle,
-                    "start_spread_s": cfg.start_spread,
+                    "start_spread_s": max(cfg.start_times, default=cfg.start_spread),
                 },
                 "stats": self.stats,
                 "completion_s": self.completion_s,
@@ -665,7 +673,9 @@ class Simulator:
         cfg = self.cfg
         rng = self.rng
         starts = [0.0] * cfg.nodes
-        if cfg.start_spread > 0:
+        if cfg.start_times:
+            starts = list(cfg.start_times)
+        elif cfg.start_spread > 0:
             starts = [0.0] + [rng.uniform(0, cfg.start_spread) for _ in range(cfg.nodes - 1)]
         for node, at in zip(self.nodes, starts, strict=True):
             self._push(at, _START, node)

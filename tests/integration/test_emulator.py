@@ -110,8 +110,9 @@ def test_emulated_rollout_against_baselines(tmp_path: Path) -> None:
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_emulated_rollout_with_rate_limits(tmp_path: Path) -> None:
-    """Without namespaces (--shaping limits): the agents' own limits and a pacing relay."""
+def test_emulated_rollout_with_rate_limits_and_staggered_starts(tmp_path: Path) -> None:
+    """Without namespaces (--shaping limits): the agents' own limits and a pacing relay. The
+    pulls start over 1 s (--start-spread), each system's at the same offsets."""
     require_tool("docker-registry")
     require_tool("curl")
     result, _ = _emulate(
@@ -121,6 +122,8 @@ def test_emulated_rollout_with_rate_limits(tmp_path: Path) -> None:
         "--baselines",
         "direct",
         "--no-simulate",
+        "--start-spread",
+        "1s",
         "--json",
         str(tmp_path / "r.json"),
     )
@@ -128,7 +131,16 @@ def test_emulated_rollout_with_rate_limits(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["links"]["shaping"] == "limits"
     assert "limits" in result.stdout
-    assert all(t is not None for t in report["completion_s"].values())
+    offsets = report["start_offsets_s"]
+    assert len(offsets) == NODES and min(offsets.values()) == 0.0 <= max(offsets.values()) <= 1.0
+    assert "starts: spread over" in result.stdout
+    for system in report["systems"].values():
+        times = system["completion_s"]
+        assert set(times) == set(offsets)
+        for node, at in offsets.items():
+            # Timed from the first start: a late node's pull cannot end before its own start
+            # plus F / d.
+            assert times[node] is not None and times[node] >= at + 0.9 * BLOB / RATE, system
     assert report["origin_bytes"] <= 1.1 * BLOB
     assert report["systems"]["direct"]["origin_bytes"] >= NODES * BLOB
 
@@ -140,6 +152,8 @@ def test_emulated_rollout_with_rate_limits(tmp_path: Path) -> None:
         (["--blob-size", "lots"], "--blob-size"),
         (["--baselines", "direct,ipfs"], "unknown ipfs"),
         (["--piece-length", "3MiB"], "power of two"),
+        (["--start-spread", "soon"], "--start-spread"),
+        (["--start-spread", "30s"], "--start-spread must be shorter than"),
     ],
 )
 def test_bad_flags_are_one_line_errors(flags: list[str], message: str) -> None:

@@ -214,6 +214,22 @@ def test_nodes_that_start_over_two_seconds_finish_together_from_one_origin_copy(
     assert result.origin_bytes <= 1.1 * 32 * MiB
 
 
+def test_given_start_times_start_each_node_then() -> None:
+    """The emulator passes its drawn start offsets (start_times): a node cannot finish before
+    its start plus F / d, and nodes that start late finish later than the rest."""
+    late = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.5, 3.0)
+    result = _run(start_times=late)
+    times = [t for t in result.completion_s if t is not None]
+    assert result.incomplete == 0 and len(times) == 10
+    for start, done in zip(late, times, strict=True):
+        assert done >= start + 64 * MiB / (20 * MiB) * 0.999
+    assert min(times[8:]) > max(times[:8])
+    assert result.summary()["model"]["start_spread_s"] == 3.0
+    for bad in ((0.0,) * 9, (0.0,) * 9 + (-1.0,), (0.0,) * 9 + (math.inf,)):
+        with pytest.raises(sim.ConfigError, match="start_times"):
+            _run(start_times=bad)
+
+
 def test_a_dead_lease_holder_hands_the_origin_to_a_stalled_node() -> None:
     result = _run(nodes=10, fail_nodes=((0, 1.0),))
     assert not result.alive[0]
