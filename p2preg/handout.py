@@ -11,9 +11,8 @@ candidates plus O(t log limit) for the t candidates of the tiers it needs to fil
 4. among seeders: the least handed out recently first (``load``), so one seeder does not get
    every requester of a rollout; among leechers: most pieces first in power-of-two buckets
    (bit length of the count), then the least handed out in steps of ``LEECHER_LOAD_GRAIN``
-   handouts, then the most pieces; except in a swarm whose nodes do not rotate peers (at most
-   ``LARGE_SWARM_PEERS`` others, p2preg.swarm_limits.rotates_peers), where the load step comes
-   first and the bucket second (below);
+   handouts, then the most pieces; except in a swarm of at most ``LARGE_SWARM_PEERS`` others
+   (p2preg.swarm_limits), where the load step comes first and the bucket second (below);
 5. random among equals (a seeded ``random.Random`` makes the result reproducible).
 
 The tracker keeps ``load`` with :class:`HandoutLoad`, an exponentially decaying count of how often
@@ -53,9 +52,10 @@ variant tried):
     exact (before)             1.29/1.30/1.31      1.40/1.42/1.42
     in steps of 32 (now)       1.24/1.25/1.26      1.30/1.33/1.34
 
-In a swarm whose nodes do not rotate peers, the load step comes before the piece count: a node
-keeps the peers it dials there, so whom a handout lists first sets each peer's downloaders for
-good. Ranked pieces first, nodes that start over a few seconds, as in a real rollout, all
+In a swarm of at most ``LARGE_SWARM_PEERS`` others, the load step comes before the piece
+count: a node keeps most of the peers it dials there (it rotates one a second from 17 others,
+p2preg.swarm_limits), so whom a handout lists first sets each peer's downloaders for long.
+Ranked pieces first, nodes that start over a few seconds, as in a real rollout, all
 dialled the same few: the first to start hold the most pieces, so every later requester was
 handed them first, and an agent dials a handout in its order. 300 nodes x 256 MiB @ 100 MiB/s,
 starts spread over 2 s (seed 4): 8 nodes had 124-153 downloaders each (3 upload slots), 156
@@ -63,15 +63,18 @@ had none, and the rollout crawled (p50 45.7 s against a bound of 2.56 s, with th
 refusing each asker a piece only once; with no limit on its refusals it stalled outright:
 p2preg.swarm_limits.SUPER_SEED_HOLD). Load first, a peer is listed near the top for about
 ``LEECHER_LOAD_GRAIN`` handouts, then the next ones are: 0-17 downloaders each, p50 3.9 s, max
-4.6 s (the last node starts at 2 s). In an announce storm every count is small
-and equal, so nothing changes there. In larger swarms, where nodes rotate a peer a second
-(which spreads the downloaders), load first made 1,000 nodes x 1 GiB slower (p50 / max
+4.6 s (the last node starts at 2 s). (With 16 download peers and rotation from 17 others,
+pieces first is still far slower there: mean max 2.22 against 1.85 x the bound at that
+scenario, 3.17 against 2.34 at 100 nodes x 32 MiB @ 20 MiB/s.) In an announce storm every
+count is small and equal, so nothing changes there. In larger swarms, with 32 download
+peers, load first made 1,000 nodes x 1 GiB slower (p50 / max
 1.18 / 1.19 -> 1.19 / 1.23x): the counts there are mostly those rotation handouts, of which
 a node dials one peer. (The tracker records every answer's peers, the simulator only the
 answers a node uses: in the tracker the peers listed first gain load faster, so their places
 at the top turn over sooner, which spreads the dials further.) Simulated, p50 / p99 / mean max
 x the bound over 10 seeds (100 MiB @ 10 MiB/s) and 2 (1 GiB @ 100 MiB/s), pieces first ->
-load first, both with the hold:
+load first, both with the hold (and 8 download peers, no rotation, from 17 to 400 others, the
+rules of then):
 
     16 nodes                  1.17/1.19/1.19 -> 1.17/1.19/1.19
     24 nodes                  1.29/1.37/1.37 -> 1.20/1.23/1.23
@@ -91,7 +94,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from p2preg.swarm_limits import rotates_peers
+from p2preg.swarm_limits import LARGE_SWARM_PEERS
 
 PEER_ID_BYTES = 16
 # Records of one tier ranked per announce; a bigger tier is sampled down to this many.
@@ -143,8 +146,8 @@ def choose_peers(
     if limit <= 0 or not candidates:
         return []
     me, my_zone = requester.peer_id, requester.zone
-    # Where nodes keep the peers they dial, the load goes first (module docstring).
-    load_first = not rotates_peers(swarm_peers)
+    # Up to LARGE_SWARM_PEERS others, the load goes first (module docstring).
+    load_first = swarm_peers is not None and swarm_peers <= LARGE_SWARM_PEERS
     if len({record.peer_id for record in candidates}) != len(candidates):
         candidates = _newest_per_peer(candidates)
     # Tiers: same-zone seeders, same-zone leechers, other seeders, other leechers. Only the

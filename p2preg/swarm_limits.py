@@ -36,9 +36,9 @@ nodes x 200 MiB @ 20 MiB/s, of 3 at 200 x 500 MiB @ 50 MiB/s, seed 1 at 300 and 
     8 peers    1.40/1.90/1.90  1.46/1.89/1.89  1.48/1.69/1.94  1.51/1.71/1.93  1.65/1.85/1.86
     32 peers   1.86/1.92/1.92  1.91/1.99/1.99  1.79/1.87/1.88  1.63/1.78/1.81  1.66/1.75/1.82
 
-so a swarm of at most 400 other peers keeps 8. The size is the tracker's count of the blob's
-live peers, sent with every announce answer: the handout lists at most 50 of them, which cannot
-tell 64 nodes from 10,000.
+so a swarm of at most 400 other peers kept 8 (from 17 others it now has 16: "The mid-size
+swarm" below). The size is the tracker's count of the blob's live peers, sent with every
+announce answer: the handout lists at most 50 of them, which cannot tell 64 nodes from 10,000.
 
 At most 16 others: 12 peers, together with the origin fetcher refusing repeats after its fetch
 too (agent/peer_server.py, super-seeding; in swarms of up to 400 others,
@@ -56,10 +56,44 @@ after its fetch; 8 again as soon as a count passes 16):
                          128: 1.41 -> 1.42, 1,000: 1.73 -> 1.73
 
 15 peers (all of them) gave 16 x 100 MiB 1.40 but 16 x 1 GiB 1.20; 10 peers 1.38 and 1.11.
-The count must be small at two announces in a row (a second apart): in a rollout's first
-second every count is small, and nodes sized by it for a swarm that then grew to 20-32 nodes
-made those 2-19% slower (tried with 16 peers, with and without dropping the extra connections
-when the count grew).
+The count must be small at a second announce (a second after the first): in a rollout's
+first second every count is small, and nodes sized by it for a swarm that then grew to 20-32
+nodes made those 2-19% slower (tried with 16 peers, with and without dropping the extra
+connections when the count grew).
+
+The mid-size swarm (17 to 400 others): 16 download peers, a request withdrawn after waiting
+HEAD_PATIENCE for an upload slot (head_patience), and a peer rotated at every tracker answer
+(rotates_peers), as in a large swarm but with 16 peers instead of 32. The 8 peers and neither
+rule, chosen above before queued requests were taken over, withdrawn and rotated, left the
+mid-size swarms the slowest of all: at 64-128 nodes requests starved at the few peers that had
+their pieces until the 10 s piece timeout dropped the connection (84-119 timeouts a run). Each
+part alone helps less (64 nodes x 100 MiB @ 10 MiB/s, mean of 5 seeds, p50 / max x the bound:
+8 peers 1.39 / 1.58; 16 peers 1.30 / 1.41; 16 + patience 1.24 / 1.26; 16 + rotation 1.29 /
+1.40; all three 1.21 / 1.23; 32 instead of 16 1.22 / 1.24, 12 1.22 / 1.25). Before -> now,
+p50 / p99 / mean max, all nodes starting at once:
+
+    100 MiB @ 10 MiB/s (10 seeds at 18-24 nodes, 5 above):
+      18 nodes   1.19/1.21/1.21 -> 1.22/1.23/1.23
+      24 nodes   1.20/1.23/1.23 -> 1.21/1.23/1.23
+      32 nodes   1.22/1.25/1.25 -> 1.21/1.23/1.23
+      48 nodes   1.24/1.28/1.28 -> 1.21/1.23/1.23 (starts over 1 s)
+      64 nodes   1.39/1.58/1.58 -> 1.21/1.23/1.23
+      96 nodes   1.44/1.61/1.61 -> 1.23/1.26/1.26 (starts over 1 s)
+     128 nodes   1.46/1.60/1.63 -> 1.24/1.26/1.26
+    1 GiB @ 100 MiB/s (2 seeds; 256 MiB at 400 nodes):
+      32 nodes   1.15/1.16/1.16 -> 1.14/1.15/1.15
+      64 nodes   1.20/1.36/1.36 -> 1.14/1.15/1.15
+     128 nodes   1.24/1.39/1.39 -> 1.14/1.15/1.15
+     200 nodes   1.26/1.39/1.45 -> 1.15/1.16/1.16
+     300 nodes   1.27/1.38/1.54 -> 1.16/1.18/1.19
+     400 nodes   1.42/1.55/1.66 -> 1.32/1.35/1.37
+
+Just above 16 others it costs 1-2% (18 and 20 nodes: mean max 1.21 -> 1.23, 1.23 -> 1.24).
+Starts spread over 2 s, as in docs/rollouts.md "Staggered starts", are as before: 100 x 32 MiB
+@ 20 MiB/s mean max 2.42 -> 2.34, 150 x 64 MiB @ 50 MiB/s 2.62 -> 2.64, 300 x 256 MiB @
+100 MiB/s (seed 4) 1.81 -> 1.85 (the bound leaves out the 2 s of starts). The tracker keeps
+ranking leechers by load first in these swarms (p2preg.handout): with pieces first, as in
+large swarms, those three were 3.17, 4.55 and 2.22.
 """
 
 from __future__ import annotations
@@ -72,8 +106,9 @@ UPLOAD_SLOTS = 3  # a large swarm, or one whose size is not known yet
 SMALL_SWARM_UPLOAD_SLOTS = 8
 SMALL_SWARM_PEERS = 16  # up to this many other peers (the crossover above is between 16 and 32)
 DOWNLOAD_PEERS = 32  # a swarm of more than LARGE_SWARM_PEERS others, or of unknown size
-SMALL_SWARM_DOWNLOAD_PEERS = 8  # up to LARGE_SWARM_PEERS others ...
-FEW_PEERS_DOWNLOAD_PEERS = 12  # ... and up to SMALL_SWARM_PEERS others, counted twice in a row
+MID_SWARM_DOWNLOAD_PEERS = 16  # more than SMALL_SWARM_PEERS and up to LARGE_SWARM_PEERS others
+SMALL_SWARM_DOWNLOAD_PEERS = 8  # up to SMALL_SWARM_PEERS others at a first count ...
+FEW_PEERS_DOWNLOAD_PEERS = 12  # ... and at a later one
 LARGE_SWARM_PEERS = 400  # (in the table above the crossover is between 300 and 500 nodes)
 
 # The origin fetcher refuses a piece it already sent to another peer that is still connected
@@ -111,7 +146,11 @@ def download_peers(swarm_peers: int | None, previous: int | None = None) -> int:
     and ``previous`` at the announce before (None: this is the first)."""
     if swarm_peers is None or swarm_peers > LARGE_SWARM_PEERS:
         return DOWNLOAD_PEERS
-    if swarm_peers <= SMALL_SWARM_PEERS and previous is not None and previous <= SMALL_SWARM_PEERS:
+    if swarm_peers > SMALL_SWARM_PEERS:
+        return MID_SWARM_DOWNLOAD_PEERS
+    if previous is not None:
+        # Small at a second count (come down from a larger one too): a small swarm, not the
+        # first second of a rollout, when every count is small.
         return FEW_PEERS_DOWNLOAD_PEERS
     return SMALL_SWARM_DOWNLOAD_PEERS
 
@@ -119,12 +158,10 @@ def download_peers(swarm_peers: int | None, previous: int | None = None) -> int:
 def head_patience(swarm_peers: int | None) -> float:
     """Seconds a request of ours may wait at a peer for an upload slot before we withdraw it
     and ask another peer (p2preg.upload_order.HEAD_PATIENCE; inf: never), for a swarm with
-    ``swarm_peers`` other peers (None: unknown, taken as large, as download_peers does). Only
-    in large swarms, where it was measured to help; in a 300-node swarm (8 download peers
-    each, fewer places to ask) it made the tail longer at any patience tried (300 x 128 MiB @
-    10 MiB/s, mean of seeds 1-3, p99 x the bound: never 1.44, 1 s 1.53, 2.5 s 1.57, 5 s
-    1.56)."""
-    if swarm_peers is None or swarm_peers > LARGE_SWARM_PEERS:
+    ``swarm_peers`` other peers (None: unknown, taken as large, as download_peers does). Not
+    in a swarm of at most SMALL_SWARM_PEERS others, where a node downloads from most of the
+    swarm and has nowhere better to ask; on from 17 others (see "The mid-size swarm" above)."""
+    if swarm_peers is None or swarm_peers > SMALL_SWARM_PEERS:
         return HEAD_PATIENCE
     return math.inf
 
@@ -132,7 +169,6 @@ def head_patience(swarm_peers: int | None) -> float:
 def rotates_peers(swarm_peers: int | None) -> bool:
     """Whether an agent at its download-peer limit swaps one peer for another at every tracker
     answer (p2preg.peer_rotation), for a swarm with ``swarm_peers`` other peers (None: unknown,
-    taken as large). Only in large swarms, where it was measured: it drops a peer where our
-    requests were withdrawn, which head_patience does only there, and with 8 download peers a
-    dropped one is an eighth of what a node sees of the swarm."""
-    return swarm_peers is None or swarm_peers > LARGE_SWARM_PEERS
+    taken as large). Where head_patience withdraws requests, as it drops a peer where ours
+    were withdrawn: from 17 others (see "The mid-size swarm" above)."""
+    return swarm_peers is None or swarm_peers > SMALL_SWARM_PEERS

@@ -239,8 +239,8 @@ async def test_the_swarm_count_goes_beyond_the_handout_limit(start_tracker, clie
 
 
 async def test_a_small_swarms_often_handed_out_leecher_gives_way(start_tracker, clients) -> None:
-    """Where agents keep the peers they dial (p2preg.swarm_limits.rotates_peers is false), the
-    tracker ranks leechers by how often it handed them out before their pieces: the node that
+    """In a swarm of at most LARGE_SWARM_PEERS others (p2preg.swarm_limits), the tracker
+    ranks leechers by how often it handed them out before their pieces: the node that
     started first holds the most pieces, and listed first to everyone it would get every
     downloader (p2preg.handout). The tracker must pass its swarm count for that."""
     tracker = await start_tracker(max_peers=2)

@@ -14,6 +14,7 @@ from p2preg.swarm_limits import (
     DOWNLOAD_PEERS,
     FEW_PEERS_DOWNLOAD_PEERS,
     LARGE_SWARM_PEERS,
+    MID_SWARM_DOWNLOAD_PEERS,
     SMALL_SWARM_DOWNLOAD_PEERS,
     SMALL_SWARM_PEERS,
     download_peers,
@@ -25,9 +26,16 @@ PIECE = 256 * 1024
 
 def test_policy_large_swarms_download_from_more_peers() -> None:
     assert download_peers(None) == DOWNLOAD_PEERS
-    assert download_peers(0) == download_peers(LARGE_SWARM_PEERS) == SMALL_SWARM_DOWNLOAD_PEERS
+    assert download_peers(0) == download_peers(SMALL_SWARM_PEERS) == SMALL_SWARM_DOWNLOAD_PEERS
+    assert download_peers(SMALL_SWARM_PEERS + 1) == MID_SWARM_DOWNLOAD_PEERS
+    assert download_peers(LARGE_SWARM_PEERS, 3) == MID_SWARM_DOWNLOAD_PEERS
     assert download_peers(LARGE_SWARM_PEERS + 1) == download_peers(10_000) == DOWNLOAD_PEERS
-    assert SMALL_SWARM_DOWNLOAD_PEERS < DOWNLOAD_PEERS
+    assert (
+        SMALL_SWARM_DOWNLOAD_PEERS
+        < FEW_PEERS_DOWNLOAD_PEERS
+        < MID_SWARM_DOWNLOAD_PEERS
+        < DOWNLOAD_PEERS
+    )
 
 
 def test_policy_a_swarm_small_at_two_announces_in_a_row_downloads_from_more_peers() -> None:
@@ -35,11 +43,12 @@ def test_policy_a_swarm_small_at_two_announces_in_a_row_downloads_from_more_peer
     assert download_peers(small, small) == download_peers(3, 0) == FEW_PEERS_DOWNLOAD_PEERS
     # The first count of a rollout is small for everyone: not enough on its own.
     assert download_peers(3, None) == SMALL_SWARM_DOWNLOAD_PEERS
-    # Grown past it, or just come down to it: the mid-size limit.
-    assert download_peers(small + 1, small) == download_peers(small, small + 1)
-    assert download_peers(small, small + 1) == SMALL_SWARM_DOWNLOAD_PEERS
+    # Come down to it from a larger count: a small swarm too.
+    assert download_peers(small, small + 1) == FEW_PEERS_DOWNLOAD_PEERS
+    # Grown past it: the mid-size limit, then the large one.
+    assert download_peers(small + 1, small) == MID_SWARM_DOWNLOAD_PEERS
     assert download_peers(LARGE_SWARM_PEERS + 1, small) == DOWNLOAD_PEERS
-    assert SMALL_SWARM_DOWNLOAD_PEERS < FEW_PEERS_DOWNLOAD_PEERS <= SMALL_SWARM_PEERS
+    assert FEW_PEERS_DOWNLOAD_PEERS <= SMALL_SWARM_PEERS
 
 
 class CountingNursery:
@@ -78,16 +87,15 @@ async def test_the_swarm_dials_as_many_peers_as_the_tracker_s_answer_allows(swar
     assert len(nursery.addresses) == DOWNLOAD_PEERS
 
 
-async def test_a_small_swarm_dials_more_and_drops_the_extra_peers_when_it_grows(
+async def test_a_swarm_that_shrinks_drops_the_extra_peers_but_the_busy_ones(
     swarm: Swarm,
 ) -> None:
     addresses = [f"10.0.0.{i}:7000" for i in range(1, 21)]
-    swarm.add_addresses(addresses[:15])
-    swarm.note_swarm_size(15)
-    swarm.note_swarm_size(15)  # small at two announces in a row: 12 peers
+    swarm.add_addresses(addresses)
+    swarm.note_swarm_size(SMALL_SWARM_PEERS + 4)  # a mid-size swarm: 16 peers
     nursery = CountingNursery()
     swarm._dial_more(nursery)  # type: ignore[arg-type]
-    assert nursery.addresses == addresses[:FEW_PEERS_DOWNLOAD_PEERS]
+    assert nursery.addresses == addresses[:MID_SWARM_DOWNLOAD_PEERS]
     # Say they all connected, three with requests out.
     links = [ClosableLink(address, bytes([n]) * 16) for n, address in enumerate(nursery.addresses)]
     swarm._dialing.clear()
@@ -97,11 +105,11 @@ async def test_a_small_swarm_dials_more_and_drops_the_extra_peers_when_it_grows(
             peer.in_flight[n] = 0.0
             swarm.picker.request_started(n)
         swarm.peers[link.peer_id] = peer
-    swarm.note_swarm_size(SMALL_SWARM_PEERS + 4)  # the swarm grew: back to 8
+    swarm.note_swarm_size(SMALL_SWARM_PEERS - 1)  # peers left: a small swarm, 12
     await swarm._drop_extra()
-    assert len(swarm.peers) == SMALL_SWARM_DOWNLOAD_PEERS
+    assert len(swarm.peers) == FEW_PEERS_DOWNLOAD_PEERS
     closed = [link for link in links if link.closed]
-    assert len(closed) == FEW_PEERS_DOWNLOAD_PEERS - SMALL_SWARM_DOWNLOAD_PEERS
+    assert len(closed) == MID_SWARM_DOWNLOAD_PEERS - FEW_PEERS_DOWNLOAD_PEERS
     assert not {link.address for link in closed} & set(addresses[:3])  # busy ones stay
     assert swarm.stats["dropped_extra"] == len(closed)
 

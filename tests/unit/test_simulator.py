@@ -286,18 +286,20 @@ def test_the_defaults_are_the_real_policies() -> None:
 
 def test_a_handout_without_load_spreading_makes_the_rollout_slower() -> None:
     config = {
-        "nodes": 50,
-        "blob_size": 64 * MiB,
-        "node_upload": 10 * MiB,
-        "node_download": 10 * MiB,
-        "origin_upload": 10 * MiB,
+        "nodes": 100,
+        "blob_size": 32 * MiB,
+        "node_upload": 20 * MiB,
+        "node_download": 20 * MiB,
+        "origin_upload": 20 * MiB,
         "seed": 3,
     }
     real = simulate(SimConfig(**config))  # type: ignore[arg-type]
     worse = simulate(SimConfig(**config), handout=oldest_first)  # type: ignore[arg-type]
     assert worse.handout.endswith("oldest_first")
-    # (1.39x with 32 download peers per node; it was 1.5x and more with 8)
-    assert worse.percentile(50) > 1.25 * real.percentile(50)
+    # (3.1-3.2x at seeds 1-3. With peers rotated in swarms of this size, 50 nodes x 64 MiB @
+    # 10 MiB/s, this test's scenario before, is only 1.13-1.17x slower: rotation undoes some
+    # of a bad handout there.)
+    assert worse.percentile(50) > 2 * real.percentile(50)
 
 
 def test_taking_over_queued_requests_makes_the_tight_case_faster(
@@ -325,7 +327,8 @@ def test_serving_the_neediest_requester_first_shortens_a_mid_size_rollouts_tail(
 ) -> None:
     # The agent's upload order (p2preg.upload_order): among requests for equally fresh pieces,
     # the requester holding fewest pieces first. (100 nodes, 200 MiB at 20 MiB/s, seeds 1-2: max
-    # 1.57 and 1.61 x the bound with it, 1.83 and 2.05 without.)
+    # 1.17 and 1.19 x the bound with it, 1.26 and 1.23 without; with 8 download peers and
+    # no patience or rotation at this size, as before, 1.57 and 1.61 against 1.83 and 2.05.)
     scenario = {"nodes": 100, "blob_size": 200 * MiB, "node_upload": 20 * MiB}
     scenario |= {"node_download": 20 * MiB, "origin_upload": 20 * MiB}
 
@@ -335,7 +338,7 @@ def test_serving_the_neediest_requester_first_shortens_a_mid_size_rollouts_tail(
     with_it = mean_max()
     monkeypatch.setattr(sim, "upload_rank", lambda sent, held, busy=False: (int(busy), sent, 0))
     without = mean_max()
-    assert with_it < 0.9 * without
+    assert with_it < 0.97 * without
 
 
 def test_serving_requesters_that_are_not_busy_first_speeds_a_large_rollout(
@@ -368,13 +371,13 @@ def test_withdrawing_requests_that_wait_too_long_speeds_a_large_rollout() -> Non
     assert with_it.percentile(99) < 0.97 * without.percentile(99)
 
 
-def test_requests_are_withdrawn_only_in_large_swarms() -> None:
-    # p2preg.swarm_limits.head_patience: with 8 download peers (up to 400 others) it made
-    # tails longer.
-    scenario = {"nodes": 40, "blob_size": 64 * MiB, "node_upload": 2 * MiB}
-    scenario |= {"node_download": 2 * MiB}
+def test_requests_are_withdrawn_only_in_swarms_of_more_than_16_others() -> None:
+    # p2preg.swarm_limits.head_patience: a node of a smaller swarm downloads from most of it.
+    scenario = {"nodes": 16, "blob_size": 64 * MiB, "node_upload": 2 * MiB}
+    scenario |= {"node_download": 2 * MiB, "origin_upload": 2 * MiB}
     assert _run(**scenario).stats["withdrawn"] == 0
     assert _run(**scenario, head_patience=1.0).stats["withdrawn"] > 0  # (requests do wait)
+    assert _run(**scenario | {"nodes": 40}).stats["withdrawn"] > 0
 
 
 def test_rotating_peers_speeds_a_large_rollout() -> None:
@@ -390,13 +393,30 @@ def test_rotating_peers_speeds_a_large_rollout() -> None:
     assert with_it.percentile(99) < 0.96 * without.percentile(99)
 
 
-def test_peers_rotate_only_in_large_swarms() -> None:
+def test_peers_rotate_only_in_swarms_of_more_than_16_others() -> None:
     # p2preg.swarm_limits.rotates_peers (and a rotation needs withdrawn requests, which
-    # head_patience also keeps to large swarms).
-    scenario = {"nodes": 40, "blob_size": 64 * MiB, "node_upload": 2 * MiB}
-    scenario |= {"node_download": 2 * MiB}
+    # head_patience also keeps to these swarms).
+    scenario = {"nodes": 16, "blob_size": 64 * MiB, "node_upload": 2 * MiB}
+    scenario |= {"node_download": 2 * MiB, "origin_upload": 2 * MiB}
     assert _run(**scenario, head_patience=1.0).stats["rotated"] == 0
     assert _run(**scenario, head_patience=1.0, rotate_peers=True).stats["rotated"] > 0
+    assert _run(**scenario | {"nodes": 40}).stats["rotated"] > 0
+
+
+def test_mid_size_swarms_rollout_faster_with_more_peers_patience_and_rotation() -> None:
+    # p2preg.swarm_limits, "The mid-size swarm": from 17 others, 16 download peers, requests
+    # withdrawn after HEAD_PATIENCE and a peer rotated at every answer. With the rules of
+    # before (8 peers, neither), requests starved at the few peers that had them until the
+    # piece timeout dropped their connections. (64 nodes, 100 MiB at 10 MiB/s, seeds 1-2: p50 /
+    # max 1.21 / 1.22 x the bound, against 1.38-1.39 / 1.48-1.58 and 84-112 piece timeouts.)
+    scenario = {"nodes": 64, "blob_size": 100 * MiB, "node_upload": 10 * MiB}
+    scenario |= {"node_download": 10 * MiB, "origin_upload": 10 * MiB}
+    before = {"max_peers": 8, "head_patience": math.inf, "rotate_peers": False}
+    for seed in (1, 2):
+        now, then = _run(**scenario, seed=seed), _run(**scenario, **before, seed=seed)
+        assert now.stats["timeouts"] < then.stats["timeouts"] / 10
+        assert now.percentile(50) < 0.92 * then.percentile(50)
+        assert now.percentile(100) < 0.88 * then.percentile(100)
 
 
 def test_a_custom_picker_is_always_asked() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import trio
 
 from agent.swarm import REFUSAL_BACKOFF, Swarm, _Peer
+from p2preg.swarm_limits import SMALL_SWARM_PEERS
 from p2preg.upload_order import HEAD_PATIENCE
 from p2preg.wire import Piece
 from tests.support.swarm_alone import RecordingLink, join
@@ -98,15 +99,15 @@ async def test_a_withdrawn_piece_that_arrives_anyway_is_used(
     assert head in s.assembly.pieces and s.stats["pieces"] == 1
 
 
-async def test_no_withdrawing_in_a_swarm_of_up_to_400_others(
+async def test_no_withdrawing_in_a_swarm_of_up_to_16_others(
     swarm: tuple[Swarm, bytes],
 ) -> None:
     s, _ = swarm
-    s.note_swarm_size(300)  # (p2preg.swarm_limits.head_patience)
+    s.note_swarm_size(SMALL_SWARM_PEERS)  # (p2preg.swarm_limits.head_patience)
     slow, slow_link = join(s, "slow", {0, 1})
     await s._fill(slow)
     await s._withdraw_stalled_head(slow, trio.current_time() + 100 * HEAD_PATIENCE)
     assert slow_link.cancels() == []
-    s.note_swarm_size(401)
+    s.note_swarm_size(SMALL_SWARM_PEERS + 1)
     await s._withdraw_stalled_head(slow, trio.current_time() + 100 * HEAD_PATIENCE)
     assert len(slow_link.cancels()) == 1

@@ -10,6 +10,7 @@ from typing import Any
 import trio
 
 from agent.swarm import REDIAL_BACKOFF, Swarm, _Peer
+from p2preg.swarm_limits import FEW_PEERS_DOWNLOAD_PEERS, SMALL_SWARM_PEERS
 from p2preg.upload_order import HEAD_PATIENCE
 from tests.support.swarm_alone import RecordingLink, join
 
@@ -77,19 +78,21 @@ async def test_no_swap_where_no_request_starved(swarm: tuple[Swarm, bytes]) -> N
     assert "fresh" not in s._addresses[:1]
 
 
-async def test_no_swap_below_the_limit_or_in_a_swarm_of_up_to_400_others(
+async def test_no_swap_below_the_limit_or_in_a_swarm_of_up_to_16_others(
     swarm: tuple[Swarm, bytes],
 ) -> None:
     s, _ = swarm
-    peers = _full(s, swarm_size=300)  # 8 download peers
+    s.note_swarm_size(SMALL_SWARM_PEERS)
+    peers = _full(s, swarm_size=SMALL_SWARM_PEERS)  # 12 download peers (a second small count)
+    assert len(peers) == FEW_PEERS_DOWNLOAD_PEERS
     peers[2][0].withdrawn = 4  # (counted as if withdrawn: head_patience is off at this size)
     await s.rotate(["fresh"])
-    assert len(s.peers) == 8 and s.stats["rotated"] == 0
+    assert len(s.peers) == FEW_PEERS_DOWNLOAD_PEERS and s.stats["rotated"] == 0
 
-    s.note_swarm_size(1000)  # room for 32 now: no swap while there is room
+    s.note_swarm_size(SMALL_SWARM_PEERS + 1)  # room for 16 now: no swap while there is room
     peers[2][0].withdrawn = 4
     await s.rotate(["fresh"])
-    assert len(s.peers) == 8 and s.stats["rotated"] == 0
+    assert len(s.peers) == FEW_PEERS_DOWNLOAD_PEERS and s.stats["rotated"] == 0
 
 
 async def test_our_only_source_of_a_missing_piece_is_kept(swarm: tuple[Swarm, bytes]) -> None:
