@@ -99,6 +99,7 @@ from simulations.netns import (
     NetnsLab,
     Tbf,
     deferred_signals,
+    neighbour_table_room,
     netns_unavailable_reason,
     wrap,
 )
@@ -607,6 +608,7 @@ class NetnsTestbed(Testbed):
         storage: Path,
         agent_upload_limit: int | None = None,
     ) -> None:
+        self.arp_note: str | None = None  # set by open_testbed (netns.neighbour_table_room)
         bridge = lab.namespace("br")
         origin_ns = lab.namespace("origin")
         tracker_ns = lab.namespace("tracker")
@@ -667,6 +669,7 @@ class NetnsTestbed(Testbed):
                 if self.agent_upload_limit is not None
                 else "without --upload-limit/--download-limit"
             )
+            + (f"; {self.arp_note}" if self.arp_note else "")
         )
 
     def origin_counters(self) -> dict[str, int]:
@@ -1027,8 +1030,11 @@ def open_testbed(
     testbed: Testbed
     if shaping == "netns":
         origin.close()
+        # Every node, the origin and the tracker on one LAN (netns.neighbour_table_room).
+        arp_note = cleanup.enter_context(neighbour_table_room(caps.nodes + 2))
         lab = cleanup.enter_context(NetnsLab(prefix=netns_prefix))
         testbed = NetnsTestbed(caps, lab, work, storage, agent_upload_limit)
+        testbed.arp_note = arp_note
     else:
         testbed = LimitsTestbed(caps, origin, origin_port)
     cleanup.callback(testbed.close)

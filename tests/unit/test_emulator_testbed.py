@@ -1,15 +1,18 @@
-"""The emulator's pull launcher (simulations.bench_swarm.run_concurrently): all at once, or each
-command at its own offset from a common start (``p2preg emulate --start-spread``), with every
-time counted from that common start."""
+"""The emulator's testbed: its pull launcher (simulations.bench_swarm.run_concurrently), all at
+once or each command at its own offset from a common start (``p2preg emulate --start-spread``)
+with every time counted from that common start; and the room it makes in the kernel's ARP table
+for many namespaces (simulations.netns.neighbour_table_room)."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 
 from simulations.bench_swarm import run_concurrently
 from simulations.emulator import start_offsets
+from simulations.netns import neighbour_table_room
 
 QUICK = [sys.executable, "-c", "print('ok')"]
 
@@ -45,3 +48,28 @@ def test_start_offsets_first_at_once_others_within_the_spread_and_seeded() -> No
     assert max(offsets) > 1.0  # spread out, not bunched at 0
     assert offsets == start_offsets(16, 2.0, seed=7) != start_offsets(16, 2.0, seed=8)
     assert start_offsets(5, 0.0, seed=7) == [0.0] * 5
+
+
+def test_the_arp_table_gets_room_for_every_pair_of_hosts_and_its_limits_come_back(
+    tmp_path: Path,
+) -> None:
+    """netns.neighbour_table_room: the ARP table's limits are shared by all namespaces; at
+    1,024 entries 48 emulated nodes overflowed it and could not connect to their peers."""
+    for name, value in (("gc_thresh1", 128), ("gc_thresh2", 512), ("gc_thresh3", 1024)):
+        (tmp_path / name).write_text(f"{value}\n")
+    with neighbour_table_room(50, tmp_path) as note:
+        assert [int((tmp_path / f"gc_thresh{i}").read_text()) for i in (1, 2, 3)] == [
+            1250,
+            2500,
+            5000,
+        ]
+        assert note is not None and "gc_thresh3 1024 -> 5000" in note
+    assert [int((tmp_path / f"gc_thresh{i}").read_text()) for i in (1, 2, 3)] == [128, 512, 1024]
+    with neighbour_table_room(10, tmp_path) as note:  # 100 pairs: enough already
+        assert note is None
+    assert int((tmp_path / "gc_thresh3").read_text()) == 1024
+
+
+def test_limits_that_cannot_be_read_are_left_alone(tmp_path: Path) -> None:
+    with neighbour_table_room(50, tmp_path / "missing") as note:
+        assert note is None
