@@ -120,6 +120,7 @@ class Swarm:
         self._addresses: list[str] = []
         self._max_peers = download_peers(None)  # sized at every announce (note_swarm_size)
         self._swarm_count: int | None = None  # the tracker's count at the last announce
+        self._count_before: int | None = None  # ... and at the one before it
         self._dialing: set[str] = set()
         self._failed: dict[str, float] = {}
         self._wakeup = trio.Event()
@@ -144,7 +145,8 @@ class Swarm:
         """The tracker's last answer counted ``peers`` other peers: download from as many at
         once as p2preg.swarm_limits gives for that size (and the count before). Peers over a
         lowered limit are dropped by the ticker."""
-        self._max_peers = download_peers(peers, self._swarm_count)
+        self._count_before = self._swarm_count
+        self._max_peers = download_peers(peers, self._count_before)
         self._swarm_count = peers
         self._wakeup.set()
 
@@ -478,7 +480,8 @@ class Swarm:
         if not peer.in_flight or peer.link.arriving:
             return
         index, requested = next(iter(peer.in_flight.items()))  # (the order we sent them in)
-        if now - max(requested, peer.last_arrival) < head_patience(self._swarm_count):
+        patience = head_patience(self._swarm_count, self._count_before)
+        if now - max(requested, peer.last_arrival) < patience:
             return
         del peer.in_flight[index]
         peer.cancelled.add(index)
@@ -513,7 +516,7 @@ class Swarm:
             peer.delivered = peer.withdrawn = 0
         if (
             self.complete
-            or not rotates_peers(self._swarm_count)
+            or not rotates_peers(self._swarm_count, self._count_before)
             or len(peers) + len(self._dialing) < self._max_peers
         ):
             return

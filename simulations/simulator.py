@@ -1657,7 +1657,8 @@ class Simulator:
         """The agent's PeerServer.note_swarm_size and Swarm.note_swarm_size: upload slots and
         download peers for a swarm of ``peers`` others, as the tracker's answer counts them
         (a --max-peers what-if fixes the download peers)."""
-        limit = self.cfg.max_peers or download_peers(peers, node.swarm_count)
+        previous = node.swarm_count
+        limit = self.cfg.max_peers or download_peers(peers, previous)
         node.swarm_count = peers
         extra = len(node.downloads) - limit
         if extra > 0:
@@ -1670,9 +1671,9 @@ class Simulator:
             self.dial[node] = None  # room for more peers: dial now (Swarm.note_swarm_size wakes it)
         node.peer_limit = limit
         patience = self.cfg.head_patience
-        node.patience = head_patience(peers) if patience is None else patience
+        node.patience = head_patience(peers, previous) if patience is None else patience
         rotate = self.cfg.rotate_peers
-        node.rotates = rotates_peers(peers) if rotate is None else rotate
+        node.rotates = rotates_peers(peers, previous) if rotate is None else rotate
         limit = upload_slots(peers)
         if limit != node.slot_limit:
             node.slots += limit - node.slot_limit
