@@ -11,7 +11,8 @@ One run:
    and every node in its own network namespace with tbf caps both ways ("netns"); otherwise
    everything on 127.0.0.1 with the agents' own rate limits and a pacing relay before the origin
    ("limits"). The report says which;
-3. p2preg: a tracker and N agents as separate processes, then N image pulls at the same instant,
+3. p2preg: a tracker and N agents as separate processes, then N image pulls at the same instant
+   (or, with ``--start-spread``, at seeded offsets over that span, the same for every system),
    one per node through its own agent (manifest by tag, config, layer: one curl per node);
 4. each baseline on the same links: ``direct`` (every node pulls the image from the origin) and
    ``bittorrent`` (aria2c seeding the layer from the origin's node, opentracker, aria2c on every
