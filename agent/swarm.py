@@ -506,7 +506,8 @@ class Swarm:
             await other.link.send(Cancel(self.digest, index))
 
     async def rotate(self, handout: list[str]) -> None:
-        """The tracker answered with ``handout``: in a large swarm, at our peer limit, drop the
+        """The tracker answered with ``handout``: where we rotate peers (more than 16 others,
+        from our second count: p2preg.swarm_limits.rotates_peers), at our peer limit, drop the
         peer where our requests starved most since the last answer and dial one of the answer
         instead (p2preg.peer_rotation says why and which). Its requests go back to the picker;
         the dropped address is not redialled for REDIAL_BACKOFF."""

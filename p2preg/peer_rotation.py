@@ -1,4 +1,4 @@
-"""Rotating one download peer a second in large swarms: which peer to drop, which to dial.
+"""Rotating a download peer a second (more than 16 others): which peer to drop, which to dial.
 
 Peers are chosen by the tracker's handouts, and an agent dials them only while it has fewer
 than its download-peer limit. So how many agents download from a node (its in-degree) is fixed

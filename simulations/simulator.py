@@ -1717,7 +1717,8 @@ class Simulator:
             self._push(now + ANNOUNCE_INTERVAL, _SWEEP, None)
 
     def _rotate(self, node: _Node, now: float) -> None:
-        """The tracker answered ``node``: in a large swarm, at its peer limit, it drops the peer
+        """The tracker answered ``node``: where it rotates peers (more than 16 others, from its
+        second count: p2preg.swarm_limits.rotates_peers), at its peer limit, it drops the peer
         where its requests starved most since the last answer and dials one of the answer
         instead (agent/swarm.py, Swarm.rotate; the choices are p2preg.peer_rotation's)."""
         conns = list(node.downloads.values())

@@ -1,6 +1,7 @@
-"""Rotating a download peer at each tracker answer in a large swarm (agent/swarm.py,
-Swarm.rotate; the choices are p2preg.peer_rotation's, shared with the simulator). A real
-BlobAssembly on a real content store; the peers are stand-ins that record what the swarm sends.
+"""Rotating a download peer at each tracker answer in a swarm of more than 16 others
+(agent/swarm.py, Swarm.rotate; the choices are p2preg.peer_rotation's, shared with the
+simulator). A real BlobAssembly on a real content store; the peers are stand-ins that record
+what the swarm sends.
 """
 
 from __future__ import annotations
