@@ -77,6 +77,9 @@ class PeerLink:
         # told that we are busy (wire version 3).
         self.incoming: IncomingPieces | None = None
         self._arriving = False
+        self._arriving_since = 0.0
+        # How long the payload of the last piece took to arrive, first byte to last (0: none).
+        self.last_payload_seconds = 0.0
         self.told_busy = False
 
     @property
@@ -154,6 +157,7 @@ class PeerLink:
             payload_needed = self.connection.payload_bytes_needed
             if payload_needed and not self._arriving:
                 self._arriving = True  # a piece's payload has begun to arrive
+                self._arriving_since = trio.current_time()
                 if self.incoming is not None:
                     self.incoming.piece_started()
             self._set_lowat(min(max(payload_needed, 1), PAYLOAD_LOWAT))
@@ -175,6 +179,7 @@ class PeerLink:
 
     def _arrival_ended(self) -> None:
         self._arriving = False
+        self.last_payload_seconds = trio.current_time() - self._arriving_since
         if self.incoming is not None:
             self.incoming.piece_ended()
 

@@ -31,7 +31,13 @@ from p2preg.errors import LocalProtocolError, RemoteProtocolError
 from p2preg.metainfo import MetaInfo
 from p2preg.peer_rotation import only_source, peer_to_dial, peer_to_drop
 from p2preg.piece_picker import PiecePicker, queued_to_take_over
-from p2preg.swarm_limits import download_peers, head_patience, rotates_peers
+from p2preg.swarm_limits import (
+    download_peers,
+    head_patience,
+    patience_for,
+    piece_seconds_after,
+    rotates_peers,
+)
 from p2preg.wire import (
     BitfieldMsg,
     Busy,
@@ -121,6 +127,7 @@ class Swarm:
         self._max_peers = download_peers(None)  # sized at every announce (note_swarm_size)
         self._swarm_count: int | None = None  # the tracker's count at the last announce
         self._count_before: int | None = None  # ... and at the one before it
+        self._piece_seconds = 0.0  # how long a piece takes to arrive (running mean; 0: none yet)
         self._dialing: set[str] = set()
         self._failed: dict[str, float] = {}
         self._wakeup = trio.Event()
@@ -301,6 +308,10 @@ class Swarm:
     async def _piece(self, peer: _Peer, event: Piece) -> None:
         index = event.index
         peer.last_arrival = trio.current_time()
+        if peer.link.last_payload_seconds > 0:
+            self._piece_seconds = piece_seconds_after(
+                self._piece_seconds, peer.link.last_payload_seconds
+            )
         requested = peer.in_flight.pop(index, None) is not None
         if not requested:
             if index not in peer.cancelled:
@@ -480,7 +491,9 @@ class Swarm:
         if not peer.in_flight or peer.link.arriving:
             return
         index, requested = next(iter(peer.in_flight.items()))  # (the order we sent them in)
-        patience = head_patience(self._swarm_count, self._count_before)
+        patience = patience_for(
+            head_patience(self._swarm_count, self._count_before), self._piece_seconds
+        )
         if now - max(requested, peer.last_arrival) < patience:
             return
         del peer.in_flight[index]

@@ -73,6 +73,8 @@ from p2preg.swarm_limits import (
     SUPER_SEED_HOLD,
     download_peers,
     head_patience,
+    patience_for,
+    piece_seconds_after,
     rotates_peers,
     super_seed_after_fetch,
     upload_slots,
@@ -253,6 +255,7 @@ class _Node:
         "peer_id",
         "peer_limit",
         "picker",
+        "piece_seconds",
         "rated_down",
         "rated_up",
         "read_pos",
@@ -322,6 +325,7 @@ class _Node:
         self.slot_limit = upload_slots(None)  # resized at every announce, as the agent's
         # How long its requests wait for a slot before it withdraws them (resized likewise).
         self.patience = head_patience(None)
+        self.piece_seconds = 0.0  # how long a piece takes to arrive (running mean; 0: none yet)
         self.rotates = rotates_peers(None)  # swaps a peer at every tracker answer (resized too)
         self.handed: list[int] = []  # the tracker's last answer (node indexes)
         self.slots = self.slot_limit  # free ones (below zero after a resize down)
@@ -370,6 +374,7 @@ class _Conn:
         "req_at",
         "src",
         "stamp",
+        "started",
         "stash",
         "tdue",
         "ver",
@@ -389,6 +394,7 @@ class _Conn:
         self.remaining = 0.0  # bytes of the head piece still to send
         self.rate = 0.0
         self.last = 0.0  # when ``remaining`` was last brought up to date
+        self.started = 0.0  # when the head piece began to be sent
         self.ver = 0  # bumps when the pending completion event is replaced or cancelled
         self.due = math.inf  # when the pending completion event fires (inf: none)
         self.tdue = math.inf  # when its pending timeout check fires (inf: none pending)
@@ -980,7 +986,8 @@ class Simulator:
         c.waiting = True
         c.wait_order = (now, tie)
         src.waiters[c] = None
-        patience = c.dst.patience
+        dst = c.dst
+        patience = patience_for(dst.patience, dst.piece_seconds)
         if patience < _INF:  # the requester withdraws it if no slot comes in time (_withdraw)
             c.wait_serial += 1
             self._push(now + patience, _WITHDRAW, c, c.wait_serial)
@@ -1127,7 +1134,7 @@ class Simulator:
     def _activate(self, c: _Conn, now: float) -> None:
         c.active = True
         c.remaining = self.piece_bytes[c.queue[0]]
-        c.last = now
+        c.last = c.started = now
         c.rate = 0.0
         self.fresh.append(c)
         src, dst = c.src, c.dst
@@ -1195,6 +1202,7 @@ class Simulator:
             if sent[index] < 255:
                 sent[index] += 1
             c.delivered_at = now
+            dst.piece_seconds = piece_seconds_after(dst.piece_seconds, now - c.started)
             c.delivered += 1
             self._deliver(dst, index, now, c)
             if not c.open:

@@ -43,6 +43,7 @@ class RecordingLink:
     peer_id: bytes
     sent: list[object] = field(default_factory=list)
     arriving: bool = False  # a piece's payload is arriving on it
+    last_payload_seconds: float = 0.0  # how long the last piece's payload took (0: none)
     closed: bool = False
 
     async def send(self, message: object) -> None:

@@ -88,6 +88,7 @@ async def _send_piece_in_two_parts(
             while incoming.arriving == 0:  # noqa: ASYNC110 (set inside receive; polled)
                 await trio.sleep(0.005)
         seen.append(incoming.arriving)
+        await trio.sleep(0.1)  # (the payload takes at least this long to arrive)
         await sender.stream.send_all(data[half:])
     seen.append(incoming.arriving)
     return seen, got[0]
@@ -99,9 +100,12 @@ async def test_a_download_connection_counts_a_piece_while_its_payload_arrives() 
     dialer.incoming = incoming
     data = os.urandom(600_000)
     try:
+        assert dialer.last_payload_seconds == 0.0
         seen, piece = await _send_piece_in_two_parts(listener_side, dialer, data)
         assert seen == [1, 0] and piece.data == data
         assert incoming.busy is False  # (busy at 1 arriving; none now)
+        # How long its payload took, first byte to last (the patience in piece times).
+        assert 0.1 <= dialer.last_payload_seconds < 5
 
         # A piece cut off by the close no longer arrives.
         await listener_side.stream.send_all(listener_side.connection.piece_header(D, 1, 10**6))

@@ -171,6 +171,7 @@ class SwarmLink:
         self.peer_id = name.encode()
         self.sent: list[object] = []
         self.told_busy = False  # (agent/incoming_pieces.py)
+        self.last_payload_seconds = 0.0  # (PeerLink: how long the last piece's payload took)
 
     async def send(self, message: object) -> None:
         self.sent.append(message)

@@ -6,10 +6,17 @@ what the swarm sends.
 
 from __future__ import annotations
 
+import math
+
 import trio
 
 from agent.swarm import REFUSAL_BACKOFF, Swarm, _Peer
-from p2preg.swarm_limits import SMALL_SWARM_PEERS
+from p2preg.swarm_limits import (
+    PATIENCE_PIECE_TIMES,
+    SMALL_SWARM_PEERS,
+    patience_for,
+    piece_seconds_after,
+)
 from p2preg.upload_order import HEAD_PATIENCE
 from p2preg.wire import Piece
 from tests.support.swarm_alone import RecordingLink, join
@@ -111,3 +118,37 @@ async def test_no_withdrawing_in_a_swarm_of_up_to_16_others(
     s.note_swarm_size(SMALL_SWARM_PEERS + 1)
     await s._withdraw_stalled_head(slow, trio.current_time() + 100 * HEAD_PATIENCE)
     assert len(slow_link.cancels()) == 1
+
+
+async def test_where_pieces_arrive_slowly_a_request_waits_two_piece_times(
+    swarm: tuple[Swarm, bytes],
+) -> None:
+    """p2preg.swarm_limits.patience_for: at 1 MiB/s a piece takes 1.5 s through one of a
+    sender's slots, and a 1 s patience withdrew most requests (238 duplicate pieces in a
+    32-node emulated rollout). The patience is at least PATIENCE_PIECE_TIMES times the mean
+    time the payload of a piece took to arrive."""
+    s, data = swarm
+    peer, link = join(s, "peer", {0, 1, 2})
+    await s._fill(peer)
+    first, second = link.requests()[:2]
+    link.last_payload_seconds = 2.0  # (PeerLink measures it, first byte to last)
+    await s._piece(peer, Piece(s.digest, first, data[first * PIECE : (first + 1) * PIECE]))
+    arrived = peer.last_arrival
+    patience = PATIENCE_PIECE_TIMES * 2.0
+    assert patience > HEAD_PATIENCE
+    await s._withdraw_stalled_head(peer, arrived + 0.9 * patience)
+    assert link.cancels() == [] and second in peer.in_flight
+    await s._withdraw_stalled_head(peer, arrived + patience)
+    assert link.cancels() == [second]
+
+
+def test_patience_in_piece_times_rules() -> None:
+    assert patience_for(HEAD_PATIENCE, 0.0) == HEAD_PATIENCE  # no piece yet
+    assert patience_for(HEAD_PATIENCE, 0.06) == HEAD_PATIENCE  # 100 MiB/s: seconds rule
+    assert patience_for(HEAD_PATIENCE, 1.5) == PATIENCE_PIECE_TIMES * 1.5
+    assert patience_for(math.inf, 1.5) == math.inf  # never stays never
+    assert piece_seconds_after(0.0, 1.5) == 1.5  # the first piece sets the mean
+    mean = 1.0
+    for _ in range(40):
+        mean = piece_seconds_after(mean, 3.0)
+    assert 2.99 < mean < 3.0  # it follows a new rate within a few dozen pieces
