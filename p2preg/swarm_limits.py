@@ -181,7 +181,8 @@ def head_patience(swarm_peers: int | None, previous: int | None = None) -> float
     ``swarm_peers`` other peers now and ``previous`` at the announce before (None: unknown,
     taken as large, as download_peers does; the first count). Not in a swarm of at most
     SMALL_SWARM_PEERS others, where a node downloads from most of the swarm and has nowhere
-    better to ask; from 17 others from the second count on (see "The mid-size swarm" above)."""
+    better to ask; from 17 others from the second count on (see "The mid-size swarm" above).
+    The agent and the simulator wait at least patience_for's piece times on top."""
     if swarm_peers is None or swarm_peers > LARGE_SWARM_PEERS:
         return HEAD_PATIENCE
     if previous is not None and swarm_peers > SMALL_SWARM_PEERS:
