@@ -177,9 +177,10 @@ class PeerLink:
             self._arrival_ended()
         return event
 
-    def _arrival_ended(self) -> None:
+    def _arrival_ended(self, *, whole: bool = True) -> None:
         self._arriving = False
-        self.last_payload_seconds = trio.current_time() - self._arriving_since
+        if whole:
+            self.last_payload_seconds = trio.current_time() - self._arriving_since
         if self.incoming is not None:
             self.incoming.piece_ended()
 
@@ -291,7 +292,7 @@ class PeerLink:
     async def aclose(self) -> None:
         self._fd = None  # (the number may be reused once the socket is closed)
         if self._arriving:  # (a piece cut off mid-payload no longer arrives)
-            self._arrival_ended()
+            self._arrival_ended(whole=False)
         with trio.CancelScope(shield=True):
             await trio.aclose_forcefully(self.stream)
 

@@ -121,8 +121,10 @@ async def test_a_download_connection_counts_a_piece_while_its_payload_arrives() 
                 while incoming.arriving == 0:  # noqa: ASYNC110 (as above)
                     await trio.sleep(0.005)
             assert incoming.busy
+            measured = dialer.last_payload_seconds
             await dialer.aclose()
         assert incoming.arriving == 0 and not incoming.busy
+        assert dialer.last_payload_seconds == measured  # (a cut-off piece is not timed)
     finally:
         await dialer.aclose()
         await listener_side.aclose()
