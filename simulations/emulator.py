@@ -963,15 +963,18 @@ def emulate(options: Options) -> Report:
         setup = Setup(
             work, layer, caps, secret_file, agent_env(options.agent_src), str(options.piece_length)
         )
-        offsets = start_offsets(caps.nodes, options.start_spread, options.seed)
-        if options.start_spread > 0:
+        # (empty: every pull at once; else one per node, in the testbed's order)
+        offsets = (
+            start_offsets(caps.nodes, options.start_spread, options.seed)
+            if options.start_spread > 0
+            else []
+        )
+        if offsets:
             say(f"pulls start over {options.start_spread:g} s: offsets {offsets}")
-            emulation_offsets = {
-                node.name: at for node, at in zip(testbed.nodes, offsets, strict=True)
-            }
-        else:
-            emulation_offsets = {}
-        emulation = Emulation(setup, testbed, image, layer.path, emulation_offsets)
+        names = [node.name for node in testbed.nodes]
+        emulation = Emulation(
+            setup, testbed, image, layer.path, dict(zip(names, offsets, strict=False))
+        )
         results: list[SystemResult] = []
         measures: list[tuple[str, Callable[[], SystemResult]]] = [
             ("p2preg", emulation.measure_p2preg)
@@ -1007,9 +1010,7 @@ def emulate(options: Options) -> Report:
             options.piece_length,
             fraction,
             options.seed,
-            [emulation.start_offsets[node.name] for node in testbed.nodes]
-            if emulation.start_offsets
-            else (),
+            offsets,
         )
     return Report(
         caps,
