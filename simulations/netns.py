@@ -24,7 +24,10 @@ inside the namespaces they created (nothing here touches the root namespace's ro
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -33,7 +36,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import BinaryIO, Self
+from typing import Any, BinaryIO, Self
 
 __all__ = [
     "Child",
@@ -141,10 +144,14 @@ def netns_unavailable_reason(probe_name: str | None = None) -> str | None:
 
 
 NEIGH_SYSCTL = Path("/proc/sys/net/ipv4/neigh/default")
+# Who holds the raised limits, and what they were before the first raised them (below).
+NEIGH_HOLDERS = Path("/run/p2preg-neighbour-table.json")
 
 
 @contextlib.contextmanager
-def neighbour_table_room(hosts: int, sysctl_dir: Path = NEIGH_SYSCTL) -> Iterator[str | None]:
+def neighbour_table_room(
+    hosts: int, sysctl_dir: Path = NEIGH_SYSCTL, holders_file: Path = NEIGH_HOLDERS
+) -> Iterator[str | None]:
     """Make room in the kernel's ARP table for ``hosts`` hosts on one LAN that may all talk to
     each other, for as long as the block runs, then put the limits back.
 
@@ -156,33 +163,75 @@ def neighbour_table_room(hosts: int, sysctl_dir: Path = NEIGH_SYSCTL) -> Iterato
     anyone. In the emulator, 14 of 48 nodes waited up to 45 s on a 173-byte config blob that
     way, and stalled swarms fetched the layer from the origin 2-5 times over.
 
+    Runs at once (two emulations, an emulation beside the test suite) share the limits, so
+    ``holders_file`` records, under an exclusive lock, the limits as they were before the
+    first run raised them and the runs (each by its pid and a token) that need them raised.
+    The last run out puts the first run's values back; one that ends earlier leaves them for
+    the others (restoring its own "before" would pull the limits from under a larger run
+    still going). A holder that died without cleaning up (SIGKILL) is dropped the next time
+    the file is read, and the values it saved are still the ones put back.
+
     Yields a one-line note of what was raised, or None when the limits were enough already or
     could not be changed (not root: the namespaces need root anyway).
     """
     pairs = hosts * hosts
     need = {"gc_thresh1": pairs // 2, "gc_thresh2": pairs, "gc_thresh3": 2 * pairs}
-    raised: dict[str, int] = {}
+    raised: dict[str, tuple[int, int]] = {}
+    holder = f"{os.getpid()}:{secrets.token_hex(4)}"  # this process's pid: dropped once it dies
+    holding = False
     try:
-        for name, value in need.items():
-            path = sysctl_dir / name
-            current = int(path.read_text())
-            if current < value:
-                path.write_text(f"{value}\n")
-                raised[name] = current
+        with _locked_holders(holders_file) as state:
+            original: dict[str, int] = state.setdefault("original", {})
+            for name, value in need.items():
+                current = int((sysctl_dir / name).read_text())
+                original.setdefault(name, current)
+                if current < value:
+                    (sysctl_dir / name).write_text(f"{value}\n")
+                    raised[name] = (current, value)
+            state.setdefault("holders", {})[holder] = need
+            holding = True
     except (OSError, ValueError):
         pass  # not root or no such sysctl: the namespaces themselves will say what is wrong
     try:
         yield (
             "ARP table limits raised for the run ("
-            + ", ".join(f"{name} {old} -> {need[name]}" for name, old in raised.items())
+            + ", ".join(f"{name} {old} -> {new}" for name, (old, new) in raised.items())
             + ")"
             if raised
             else None
         )
     finally:
-        for name, old in raised.items():
-            with contextlib.suppress(OSError):
-                (sysctl_dir / name).write_text(f"{old}\n")
+        if holding:
+            with contextlib.suppress(OSError, ValueError), _locked_holders(holders_file) as state:
+                state.get("holders", {}).pop(holder, None)
+                if not state.get("holders"):
+                    for name, old in state.get("original", {}).items():
+                        (sysctl_dir / name).write_text(f"{old}\n")
+                    state.clear()  # nobody holds the limits now
+
+
+@contextlib.contextmanager
+def _locked_holders(path: Path) -> Iterator[dict[str, Any]]:
+    """The holders file's content, under an exclusive lock, written back when the block ends
+    without an exception. Holders whose process is gone are dropped on reading."""
+    with open(path, "a+", encoding="utf-8") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
+        handle.seek(0)
+        text = handle.read()
+        state: dict[str, Any] = json.loads(text) if text.strip() else {}
+        if not isinstance(state, dict):
+            raise ValueError(f"{path}: not a JSON object")
+        holders = state.get("holders", {})
+        for holder in list(holders):
+            if not _alive(int(holder.partition(":")[0])):
+                del holders[holder]
+        yield state
+        # Emptied, it stays as an empty file: removing it could strand a run that opened it
+        # and now waits for the lock on the removed file.
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps(state) if state else "")
+        handle.flush()
 
 
 @dataclass(frozen=True, slots=True)

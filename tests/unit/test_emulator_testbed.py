@@ -5,6 +5,9 @@ for many namespaces (simulations.netns.neighbour_table_room)."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -57,7 +60,8 @@ def test_the_arp_table_gets_room_for_every_pair_of_hosts_and_its_limits_come_bac
     1,024 entries 48 emulated nodes overflowed it and could not connect to their peers."""
     for name, value in (("gc_thresh1", 128), ("gc_thresh2", 512), ("gc_thresh3", 1024)):
         (tmp_path / name).write_text(f"{value}\n")
-    with neighbour_table_room(50, tmp_path) as note:
+    holders = tmp_path / "holders.json"
+    with neighbour_table_room(50, tmp_path, holders) as note:
         assert [int((tmp_path / f"gc_thresh{i}").read_text()) for i in (1, 2, 3)] == [
             1250,
             2500,
@@ -65,11 +69,62 @@ def test_the_arp_table_gets_room_for_every_pair_of_hosts_and_its_limits_come_bac
         ]
         assert note is not None and "gc_thresh3 1024 -> 5000" in note
     assert [int((tmp_path / f"gc_thresh{i}").read_text()) for i in (1, 2, 3)] == [128, 512, 1024]
-    with neighbour_table_room(10, tmp_path) as note:  # 100 pairs: enough already
+    with neighbour_table_room(10, tmp_path, holders) as note:  # 100 pairs: enough already
         assert note is None
     assert int((tmp_path / "gc_thresh3").read_text()) == 1024
 
 
 def test_limits_that_cannot_be_read_are_left_alone(tmp_path: Path) -> None:
-    with neighbour_table_room(50, tmp_path / "missing") as note:
+    with neighbour_table_room(50, tmp_path / "missing", tmp_path / "holders.json") as note:
         assert note is None
+
+
+def _limits(sysctl: Path) -> list[int]:
+    return [int((sysctl / f"gc_thresh{i}").read_text()) for i in (1, 2, 3)]
+
+
+def test_runs_at_once_keep_the_limits_raised_until_the_last_one_ends(tmp_path: Path) -> None:
+    """Two emulations at once: the first to end must not put the limits back under the other
+    (its "before" is the defaults), and the last one out restores the values from before
+    the first."""
+    sysctl, holders = tmp_path / "sysctl", tmp_path / "holders.json"
+    sysctl.mkdir()
+    for name, value in (("gc_thresh1", 128), ("gc_thresh2", 512), ("gc_thresh3", 1024)):
+        (sysctl / name).write_text(f"{value}\n")
+    small = neighbour_table_room(30, sysctl, holders)  # 900 pairs
+    large = neighbour_table_room(50, sysctl, holders)  # 2,500 pairs
+    small.__enter__()
+    assert _limits(sysctl) == [450, 900, 1800]
+    large.__enter__()
+    assert _limits(sysctl) == [1250, 2500, 5000]
+    small.__exit__(None, None, None)  # the smaller run ends first
+    assert _limits(sysctl) == [1250, 2500, 5000]
+    large.__exit__(None, None, None)
+    assert _limits(sysctl) == [128, 512, 1024]
+    assert holders.read_text() == ""  # nobody holds them now
+
+
+def test_a_holder_that_died_is_dropped_and_its_saved_limits_are_restored(
+    tmp_path: Path,
+) -> None:
+    """A run killed with SIGKILL leaves the limits raised and its record behind; the next run
+    drops it (its pid is gone) and, when it ends, puts back the values from before both."""
+    sysctl, holders = tmp_path / "sysctl", tmp_path / "holders.json"
+    sysctl.mkdir()
+    for name, value in (("gc_thresh1", 1250), ("gc_thresh2", 2500), ("gc_thresh3", 5000)):
+        (sysctl / name).write_text(f"{value}\n")  # raised by the dead run
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    original = {"gc_thresh1": 128, "gc_thresh2": 512, "gc_thresh3": 1024}
+    holders.write_text(
+        json.dumps({"original": original, "holders": {f"{dead.stdout.strip()}:0": original}})
+    )
+    with neighbour_table_room(10, sysctl, holders) as note:
+        assert note is None  # enough already
+        [mine] = json.loads(holders.read_text())["holders"]
+        assert mine.startswith(f"{os.getpid()}:")
+    assert _limits(sysctl) == [128, 512, 1024]
