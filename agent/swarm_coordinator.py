@@ -27,6 +27,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import trio
 
@@ -36,6 +37,7 @@ from agent.peer_directory import PeerDirectory
 from agent.peer_link import PeerIdentity
 from agent.peer_server import PeerServer, PieceSource
 from agent.swarm import Swarm
+from p2preg.announce_pacing import ANNOUNCE_INTERVAL
 from p2preg.config import AgentConfig
 from p2preg.digest import Digest
 from p2preg.errors import RegistryError, TrackerUnavailable
@@ -45,8 +47,19 @@ from tracker.client import AnnounceResult, TrackerClient
 log = logging.getLogger(__name__)
 
 PUBLISH_INTERVAL = 0.2
-ANNOUNCE_INTERVAL = 1.0
 METAINFO_POLL = 0.1
+# Peers are rotated (where the swarm's size calls for it) once a second, from the tracker's
+# last answer, however often the tracker asks us to announce (p2preg/announce_pacing.py).
+ROTATION_INTERVAL = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """What a downloader keeps of a tracker answer: the peers handed out (less itself and the
+    banned) and how often to announce."""
+
+    handout: list[str]
+    pace: float
 
 
 class SwarmCoordinator:
@@ -179,6 +192,7 @@ class SwarmCoordinator:
         published_once = False
         last_renew = trio.current_time()
         last_announce = -ANNOUNCE_INTERVAL
+        pace = ANNOUNCE_INTERVAL
         while True:
             assembly = download.assembly
             if assembly is not None:
@@ -188,10 +202,11 @@ class SwarmCoordinator:
                     if fresh or not published_once:
                         await self._tracker.put_metainfo(assembly.metainfo)
                         published_once = True
-                    if now - last_announce >= ANNOUNCE_INTERVAL:
+                    if now - last_announce >= pace:
                         last_announce = now
                         pieces = len(assembly.pieces)
-                        await self._announce(download.digest, assembly.metainfo, pieces)
+                        result = await self._announce(download.digest, assembly.metainfo, pieces)
+                        pace = max(ANNOUNCE_INTERVAL, result.pace or ANNOUNCE_INTERVAL)
                     # Renew at a third of the lease, so one lost renewal never lets it lapse.
                     if now - last_renew >= max(0.2, lease_seconds / 3):
                         last_renew = now
@@ -266,15 +281,27 @@ class SwarmCoordinator:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(swarm.run)
             last_progress_at, last_available = trio.current_time(), -1
-            next_announce = 0.0
+            next_announce = next_rotation = 0.0
+            handout: list[str] = []
             while len(assembly.pieces) < metainfo.num_pieces:
                 now = trio.current_time()
                 if now >= next_announce and holders is None:
                     # Without peers yet (the fetcher may not have announced when we first
-                    # asked), ask again soon; after that, once a second is plenty.
+                    # asked), ask again soon; after that, at the tracker's pace (once a second
+                    # unless it tracks more peers than it answers that often).
                     has_peers = bool(swarm.peers)
                     next_announce = now + (ANNOUNCE_INTERVAL if has_peers else METAINFO_POLL * 2)
-                    await self._refresh(download, swarm)
+                    answer = await self._refresh(download, swarm)
+                    if answer is not None:
+                        handout = answer.handout
+                        if has_peers:
+                            next_announce = now + max(ANNOUNCE_INTERVAL, answer.pace)
+                        next_rotation = now  # rotate on each answer, as before pacing
+                if now >= next_rotation and holders is None:
+                    # Once a second from the last answer, whatever the pace: pacing the
+                    # announces must not slow the rotation (p2preg/announce_pacing.py).
+                    next_rotation = now + ROTATION_INTERVAL
+                    await swarm.rotate(handout)
                 progress = len(assembly.pieces) * metainfo.piece_length + assembly.available
                 if progress != last_available:
                     last_available, last_progress_at = progress, now
@@ -342,8 +369,9 @@ class SwarmCoordinator:
 
         nursery.start_soon(fetch)
 
-    async def _refresh(self, download: Download, swarm: Swarm) -> None:
-        """Announce progress (getting peers back) and learn newly published piece hashes."""
+    async def _refresh(self, download: Download, swarm: Swarm) -> _Answer | None:
+        """Announce progress (getting peers back) and learn newly published piece hashes. The
+        tracker's answer (None: no tracker answered)."""
         assembly = download.assembly
         assert assembly is not None
         try:
@@ -355,7 +383,6 @@ class SwarmCoordinator:
                 if p.peer_id != self._identity.peer_id and p.peer_id not in self.banned
             ]
             swarm.add_addresses(handout)
-            await swarm.rotate(handout)
             # (Only when hashes hold us up: peers send theirs when asked, and a tracker call
             # costs the agent 1.2-1.4 ms of CPU, measured.)
             if not assembly.metainfo.complete and (not swarm.peers or swarm.lacks_hashes()):
@@ -364,6 +391,8 @@ class SwarmCoordinator:
                     swarm.learn_metainfo(published)
         except TrackerUnavailable as exc:
             log.info("tracker unavailable while downloading %s: %s", download.digest, exc)
+            return None
+        return _Answer(handout, ANNOUNCE_INTERVAL if result.pace is None else result.pace)
 
     async def _wait_for_metainfo(
         self, digest: Digest, metainfo: MetaInfo | None

@@ -125,6 +125,11 @@ def _tracker_parser(subparsers: Any) -> None:
     add("--peer-ttl", metavar="DURATION", help="forget a peer that stops announcing (30s)")
     add("--lease-ttl", metavar="DURATION", help="origin-fetch lease lifetime (10s)")
     add("--max-peers", metavar="N", help="peers handed out per announce (50)")
+    add(
+        "--announce-budget",
+        metavar="N",
+        help="announces a second to pace downloading agents to (500; docs/tracker.md)",
+    )
     add("--log-level", metavar="LEVEL", help="debug, info, warning or error (default info)")
     _discovery_arguments(parser, "advertise this tracker to agents on the LAN")
 

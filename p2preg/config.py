@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from p2preg.announce_pacing import downloader_interval
 from p2preg.cluster_auth import parse_cluster_secret
 from p2preg.errors import ConfigError
 from p2preg.metainfo import MAX_PIECE_LENGTH, MIN_PIECE_LENGTH
@@ -348,6 +349,8 @@ class TrackerConfig:
     lease_ttl: float = 10.0
     # Peers handed out per announce.
     max_peers: int = 50
+    # Announces a second the tracker paces its downloaders to (p2preg/announce_pacing.py).
+    announce_budget: int = 500
     # Disjoint piece ranges of one blob that may be fetched from the origin at once.
     max_origin_fetchers: int = 2
     max_peers_per_digest: int = 10_000
@@ -367,6 +370,11 @@ class TrackerConfig:
     def announce_interval(self) -> float:
         """What the tracker tells peers: announce again well before the TTL runs out."""
         return max(1.0, self.peer_ttl / 3)
+
+    def downloader_interval(self, live_peers: int) -> float:
+        """What the tracker tells a downloader: announce this often (``pace``), so that the
+        ``live_peers`` it tracks stay within ``announce_budget`` announces a second."""
+        return downloader_interval(live_peers, self.announce_budget, self.announce_interval)
 
 
 def _as_int(low: int, high: int) -> Callable[[Any, str], int]:
@@ -394,6 +402,7 @@ _TRACKER_OPTIONS: dict[str, Callable[[Any, str], Any]] = {
     "peer_ttl": _positive_duration,
     "lease_ttl": _positive_duration,
     "max_peers": _as_int(1, 1000),
+    "announce_budget": _as_int(1, 1_000_000),
     "log_level": _as_str,
     "discovery": _as_discovery,
     "cluster_name": _as_cluster_name,

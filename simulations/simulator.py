@@ -50,6 +50,7 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any, Protocol, TextIO, cast
 
+from p2preg.announce_pacing import ANNOUNCE_BUDGET, ANNOUNCE_INTERVAL, downloader_interval
 from p2preg.errors import ConfigError
 from p2preg.handout import (
     HANDOUT_SAMPLE,
@@ -92,7 +93,6 @@ MAX_IN_FLIGHT_BYTES = 8 * 1024 * 1024  # ... and at most this many bytes of them
 MAX_CONNECTIONS = 512  # connections a peer server accepts (agent/peer_server.py)
 REFUSAL_BACKOFF = 0.5  # a refused piece is not asked of that peer again this long (swarm.py)
 REDIAL_BACKOFF = 2.0  # seconds before an address is dialled again (agent/swarm.py)
-ANNOUNCE_INTERVAL = 1.0  # agent/swarm_coordinator.py
 LEASE_RENEW_INTERVAL = 2.0  # agent/swarm_coordinator.py
 HANDOUT_LIMIT = 50  # TrackerConfig.max_peers
 PEER_TTL = 30.0  # TrackerConfig.peer_ttl
@@ -167,6 +167,9 @@ class SimConfig:
     # What-if: whether nodes at their peer limit swap one peer a second (None: by the swarm's
     # size, as the agent: p2preg.swarm_limits.rotates_peers).
     rotate_peers: bool | None = None
+    # The tracker's TrackerConfig.announce_budget: announces a second it paces the downloaders
+    # to (p2preg.announce_pacing.downloader_interval).
+    announce_budget: int = int(ANNOUNCE_BUDGET)
 
     def __post_init__(self) -> None:
         if self.piece_length == 0:
@@ -223,6 +226,8 @@ class SimConfig:
             raise ConfigError("head_patience must be larger than zero")
         if self.handout_sample != 0 and self.handout_sample < HANDOUT_LIMIT:
             raise ConfigError(f"handout_sample must be 0 (all) or at least {HANDOUT_LIMIT}")
+        if self.announce_budget < 1:
+            raise ConfigError("--announce-budget must be at least 1")
 
 
 # -- state ---------------------------------------------------------------------------------------
@@ -249,6 +254,7 @@ class _Node:
         "last_progress",
         "n_down",
         "n_up",
+        "next_announce",
         "next_handout",
         "origin_conn",
         "patience",
@@ -314,6 +320,7 @@ class _Node:
         self.addresses: list[int] = []  # handed-out peers, first seen first (as the agent)
         self.addr_index: set[int] = set()
         self.failed_at: dict[int, float] = {}
+        self.next_announce = 0.0  # its next progress announce (at the tracker's pace)
         self.next_handout = 0.0
         self.wake_at = math.inf
         self.last_progress = 0.0
@@ -502,6 +509,7 @@ class SimResult:
                     "max_peers": cfg.max_peers,
                     "replace_idle_s": cfg.replace_idle,
                     "start_spread_s": max(cfg.start_times, default=cfg.start_spread),
+                    "announce_budget": cfg.announce_budget,
                 },
                 "stats": self.stats,
                 "completion_s": self.completion_s,
@@ -1690,25 +1698,29 @@ class Simulator:
                 self.grant[node] = None
 
     def _sweep(self, now: float) -> None:
-        """Every announce interval: downloading nodes announce their progress; the tracker
-        forgets peers that stopped announcing PEER_TTL ago; a stalled node may take the lease."""
+        """Every second: downloading nodes due to announce (at the tracker's pace,
+        p2preg.announce_pacing) announce their progress, and the swarming ones rotate a peer
+        from the last answer; the tracker forgets peers that stopped announcing PEER_TTL ago;
+        a stalled node may take the lease."""
         others = len(self.tiers) - 1  # an announce's swarm count, less the announcer
+        pace = downloader_interval(len(self.tiers), self.cfg.announce_budget, PEER_TTL / 3)
         for node in self.nodes:
             if not node.started:
                 continue
             record = node.record
             if node.alive:
-                if node.done_at is None and record is not None and record.pieces != len(node.have):
-                    self._record(node, now)
-                if node.done_at is None:
+                if node.done_at is None and now >= node.next_announce:
+                    node.next_announce = now + pace
+                    if record is not None and record.pieces != len(node.have):
+                        self._record(node, now)
                     if node.swarming and node.rotates and len(node.downloads) >= node.peer_limit:
                         # (every answer lists peers in the agent; here only a rotation reads
                         # them, so only then is one handed out)
                         self._announce(node, now, handout=True)
                     else:
                         self._size_for_swarm(node, others, now)
-                    if node.swarming:
-                        self._rotate(node, now)
+                if node.done_at is None and node.swarming:
+                    self._rotate(node, now)
             elif record is not None and node.died_at is not None and now - node.died_at >= PEER_TTL:
                 self.tiers.remove(node.peer_id)
                 node.record = None
@@ -1956,7 +1968,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         default="0",
         help="what-if: download connections per node (default 0: by the swarm's size, as the "
-        "agent: 8 in a swarm of at most 401, else 32)",
+        "agent: p2preg.swarm_limits.download_peers)",
     )
     add(
         "--replace-idle",
@@ -1964,6 +1976,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="0",
         help="what-if: drop a peer that had nothing for us this long and dial another "
         "(default 0: never, as the agent)",
+    )
+    add(
+        "--announce-budget",
+        metavar="N",
+        default=str(int(ANNOUNCE_BUDGET)),
+        help="the tracker's --announce-budget: announces a second it paces downloaders to "
+        f"({int(ANNOUNCE_BUDGET)})",
     )
     add("--max-time", metavar="DURATION", help="stop the simulation at this simulated time")
     add("--json", metavar="FILE", help="write the results as JSON ('-' for stdout)")
@@ -2027,6 +2046,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         max_time=parse_duration(args.max_time, "--max-time") if args.max_time else None,
         max_peers=_int(args.max_peers, "--max-peers"),
         replace_idle=parse_duration(args.replace_idle, "--replace-idle"),
+        announce_budget=_int(args.announce_budget, "--announce-budget"),
     )
     config.validate()
     return config

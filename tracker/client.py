@@ -58,6 +58,9 @@ log = logging.getLogger(__name__)
 MSGPACK = "application/msgpack"
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 DEFAULT_TIMEOUT = 5.0
+# An announce interval or pace beyond this is taken as this (a tracker's answer is not trusted
+# to silence an agent for longer).
+MAX_INTERVAL = 3600.0
 DOWN_FOR = 10.0
 # Re-authenticate this long before the tracker would expire our token.
 TOKEN_MARGIN = 30.0
@@ -75,6 +78,9 @@ class AnnounceResult:
     # Live peers of the blob, the requester included, as the tracker counts them (None: an
     # older tracker that does not say; ``peers`` is then the best estimate).
     swarm: int | None = None
+    # How often to announce while downloading (p2preg/announce_pacing.py); None: an older
+    # tracker that does not pace, so every ANNOUNCE_INTERVAL.
+    pace: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,7 +257,19 @@ class TrackerClient:
                 or (isinstance(swarm, int) and not isinstance(swarm, bool) and swarm >= 0),
                 "bad swarm size",
             )
-            return AnnounceResult(peers, min(float(interval), 3600.0), url, swarm)
+            pace = payload.get("pace")
+            _need(
+                pace is None
+                or (isinstance(pace, (int, float)) and not isinstance(pace, bool) and pace > 0),
+                "bad pace",
+            )
+            return AnnounceResult(
+                peers,
+                min(float(interval), MAX_INTERVAL),
+                url,
+                swarm,
+                None if pace is None else min(float(pace), MAX_INTERVAL),
+            )
 
         return await self._call("POST", "/v1/announce", str(digest), body, parse)
 

@@ -121,6 +121,11 @@ class PeerStore(abc.ABC):
         (p2preg.swarm_limits), which a handout of at most ``max_peers`` cannot tell."""
 
     @abc.abstractmethod
+    async def peer_count(self) -> int:
+        """Peer records held for all blobs (stale ones until the next sweep drops them): the
+        announce load the tracker paces (p2preg/announce_pacing.py). O(1): asked per announce."""
+
+    @abc.abstractmethod
     async def get_metainfo(self, digest: Digest) -> MetaInfo | None: ...
 
     @abc.abstractmethod
@@ -285,6 +290,9 @@ class MemoryPeerStore(PeerStore):
             return 0
         self._drop_stale_peers(blob, now)
         return len(blob.peers)
+
+    async def peer_count(self) -> int:
+        return self._peer_count
 
     # -- metainfo --------------------------------------------------------------------------------
 

@@ -322,6 +322,9 @@ class TrackerAPI:
                 # every live peer of the blob, the requester included (a handout lists at
                 # most max_peers of them; the agents size their limits by this)
                 "swarm": swarm,
+                # how often a downloader announces, so that this tracker keeps up with all it
+                # tracks (p2preg/announce_pacing.py; agents before it announce every second)
+                "pace": self.config.downloader_interval(await self.store.peer_count()),
             },
         )
 

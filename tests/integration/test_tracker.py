@@ -7,6 +7,7 @@ cancel scope, so a test can stop one; everything stops when the test ends.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -17,7 +18,7 @@ import pytest
 import trio
 import trio.testing
 
-from p2preg.cluster_auth import authorization_header, client_mac
+from p2preg.cluster_auth import authorization_header, client_mac, tracker_mac
 from p2preg.config import TrackerConfig
 from p2preg.digest import Digest
 from p2preg.errors import TrackerAuthError, TrackerConflict, TrackerUnavailable
@@ -238,6 +239,28 @@ async def test_the_swarm_count_goes_beyond_the_handout_limit(start_tracker, clie
     assert other.swarm == 1  # counted per blob
 
 
+async def test_the_tracker_paces_downloaders_by_all_the_peers_it_tracks(
+    start_tracker, clients
+) -> None:
+    """p2preg/announce_pacing.py: once a second while the peers it tracks (every blob) fit the
+    announce budget, then slower in proportion, at most the seeders' interval."""
+    tracker = await start_tracker(announce_budget=2, peer_ttl=12.0)  # ceiling 4 s
+    first = clients(tracker.url)
+    answer = await first.announce(BLOB, addr="10.0.0.1:7000", complete=False, pieces=0)
+    assert answer.pace == 1.0  # 1 peer, 2 announces a second allowed
+    for i in range(2):
+        other = clients(tracker.url)
+        answer = await other.announce(
+            OTHER_BLOB, addr=f"10.0.0.{i + 2}:7000", complete=False, pieces=0
+        )
+    assert answer.pace == 1.5  # 3 peers over both blobs / 2 a second
+    for i in range(10):
+        other = clients(tracker.url)
+        answer = await other.announce(BLOB, addr=f"10.0.1.{i + 1}:7000", complete=False, pieces=0)
+    assert answer.pace == 4.0  # 13 / 2 = 6.5 s, but never slower than a third of the TTL
+    assert answer.interval == 4.0
+
+
 async def test_a_small_swarms_often_handed_out_leecher_gives_way(start_tracker, clients) -> None:
     """In a swarm of at most LARGE_SWARM_PEERS others (p2preg.swarm_limits), the tracker
     ranks leechers by how often it handed them out before their pieces: the node that
@@ -273,6 +296,62 @@ async def test_client_refuses_a_tracker_that_does_not_know_the_secret(
     client = clients(f"http://127.0.0.1:{bound_port(listeners)}")
     with pytest.raises(TrackerAuthError, match="could not prove it knows the cluster secret"):
         await client.announce(BLOB, addr="h:1", complete=False, pieces=0)
+
+
+def _tracker_answering(announce_answer: dict[str, Any]) -> Callable[[Request], Awaitable[Response]]:
+    """A stand-in tracker that knows the secret and answers every announce with
+    ``announce_answer`` (an older tracker, or a broken one)."""
+    nonces: dict[bytes, bytes] = {}
+
+    async def handle(request: Request) -> Response:
+        body = msgpack.unpackb(request.body) if request.body else {}
+        if request.target == "/v1/auth/challenge":
+            nonces[body["peer_id"]] = nonce_t = os.urandom(32)
+            answer: dict[str, Any] = {"nonce_t": nonce_t, "expires_in": 30}
+        elif request.target == "/v1/auth/session":
+            token = os.urandom(32)
+            peer_id = body["peer_id"]
+            mac_t = tracker_mac(SECRET, peer_id, body["nonce_c"], nonces[peer_id], token)
+            answer = {"token": token, "expires_in": 600, "mac_t": mac_t}
+        else:
+            answer = announce_answer
+        return Response(200, [("Content-Type", "application/msgpack")], msgpack.packb(answer))
+
+    return handle
+
+
+async def test_an_older_tracker_that_does_not_pace_leaves_the_pace_unset(
+    clients, nursery: trio.Nursery
+) -> None:
+    """The agent then announces every second, as before pacing (agent/swarm_coordinator.py)."""
+    older = _tracker_answering({"peers": [], "interval": 10, "swarm": 3})
+    listeners = await nursery.start(
+        functools.partial(serve_http, max_body=4096), "127.0.0.1", 0, older
+    )
+    client = clients(f"http://127.0.0.1:{bound_port(listeners)}")
+    answer = await client.announce(BLOB, addr="h:1", complete=False, pieces=0)
+    assert answer.pace is None and answer.swarm == 3
+
+
+@pytest.mark.parametrize("pace", [0, -1.0, float("nan"), "1", True])
+async def test_a_bad_pace_is_refused_not_obeyed(clients, nursery: trio.Nursery, pace: Any) -> None:
+    broken = _tracker_answering({"peers": [], "interval": 10, "pace": pace})
+    listeners = await nursery.start(
+        functools.partial(serve_http, max_body=4096), "127.0.0.1", 0, broken
+    )
+    client = clients(f"http://127.0.0.1:{bound_port(listeners)}")
+    with pytest.raises(TrackerUnavailable, match="bad pace"):
+        await client.announce(BLOB, addr="h:1", complete=False, pieces=0)
+
+
+async def test_a_pace_beyond_an_hour_is_taken_as_an_hour(clients, nursery: trio.Nursery) -> None:
+    slow = _tracker_answering({"peers": [], "interval": 10, "pace": 1e9})
+    listeners = await nursery.start(
+        functools.partial(serve_http, max_body=4096), "127.0.0.1", 0, slow
+    )
+    client = clients(f"http://127.0.0.1:{bound_port(listeners)}")
+    answer = await client.announce(BLOB, addr="h:1", complete=False, pieces=0)
+    assert answer.pace == 3600.0
 
 
 # -- metainfo ----------------------------------------------------------------------------------

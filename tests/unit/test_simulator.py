@@ -607,6 +607,9 @@ def test_constants_agree_with_the_agent_and_the_tracker() -> None:
     assert tracker.peer_ttl == sim.PEER_TTL
     assert tracker.lease_ttl == sim.LEASE_TTL
     assert tracker.load_half_life == sim.LOAD_HALF_LIFE
+    assert tracker.announce_budget == sim.SimConfig(
+        nodes=1, blob_size=1, node_upload=1, node_download=1, origin_upload=1
+    ).announce_budget
     fields = AgentConfig.__dataclass_fields__
     assert fields["swarm_stall_timeout"].default == sim.STALL_TIMEOUT
     assert fields["piece_timeout"].default == sim.PIECE_TIMEOUT
@@ -732,3 +735,25 @@ def test_progress_lines_while_it_runs() -> None:
     assert len(lines) >= 2, lines
     assert f"complete {len(result.completion_s)}/20" in lines[-1]
     assert all(line.startswith("simulated") for line in lines)
+
+
+def test_downloaders_announce_at_the_tracker_s_pace_and_still_rotate_every_second() -> None:
+    """p2preg.announce_pacing: a tracker tracking more peers than its budget answers once a
+    second asks downloaders to announce less often (40 peers, 8 a second: every 5 s); the
+    nodes still rotate a peer every second, from the last answer, as the agent does."""
+
+    def run(budget: int) -> dict[str, int]:
+        cfg = SimConfig(
+            nodes=40,
+            blob_size=32 * MiB,
+            node_upload=10 * MiB,
+            node_download=10 * MiB,
+            origin_upload=10 * MiB,
+            seed=1,
+            announce_budget=budget,
+        )
+        return simulate(cfg).stats
+
+    every_second, paced = run(500), run(8)
+    assert paced["handouts"] < every_second["handouts"] / 2
+    assert paced["rotated"] > 0.8 * every_second["rotated"] > 0

@@ -27,6 +27,9 @@ def test_defaults_and_required_values() -> None:
     assert config == TrackerConfig(cluster_secret=SECRET, host="0.0.0.0", port=5081)
     assert (config.peer_ttl, config.lease_ttl, config.max_peers) == (30.0, 10.0, 50)
     assert config.announce_interval == 10.0
+    assert config.announce_budget == 500
+    assert config.downloader_interval(400) == 1.0 and config.downloader_interval(2_000) == 4.0
+    assert config.downloader_interval(10_000) == 10.0  # a third of the peer TTL at most
     assert SECRET.decode() not in repr(config)
 
 
@@ -37,10 +40,14 @@ def test_flags_beat_environment() -> None:
         "P2PREG_PEER_TTL": "1m",
         "P2PREG_LEASE_TTL": "5s",
         "P2PREG_MAX_PEERS": "20",
+        "P2PREG_ANNOUNCE_BUDGET": "100",
     }
     config = build_tracker_config({"lease_ttl": "7s", "addr": None}, env, read)
     assert (config.host, config.port) == ("127.0.0.1", 6000)
     assert (config.peer_ttl, config.lease_ttl, config.max_peers) == (60.0, 7.0, 20)
+    assert config.announce_budget == 100
+    flagged = build_tracker_config({**BASE, "announce_budget": "2000"}, env, read)
+    assert flagged.announce_budget == 2000
 
 
 @pytest.mark.parametrize(
@@ -54,6 +61,8 @@ def test_flags_beat_environment() -> None:
         ({**BASE, "max_peers": "0"}, "whole number"),
         ({**BASE, "max_peers": "many"}, "whole number"),
         ({**BASE, "log_level": "loud"}, "log-level"),
+        ({**BASE, "announce_budget": "0"}, "whole number"),
+        ({**BASE, "announce_budget": "fast"}, "whole number"),
     ],
 )
 def test_bad_values(flags: dict[str, str], message: str) -> None:

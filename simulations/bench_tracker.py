@@ -1,0 +1,281 @@
+"""The tracker's announce capacity, against what a rollout of N nodes asks of it.
+
+    python -m simulations.bench_tracker [--peers 10000] [--announces 20000]
+        [--connections 64] [--interval 1s] [--json FILE]
+
+Why: every downloading agent announces once per interval (1 s by default, agent/
+swarm_coordinator.py ANNOUNCE_INTERVAL) and every announce of a blob goes to the one tracker
+its digest ranks first (rendezvous hashing, docs/tracker.md), so a rollout of N nodes sends
+N / interval announces a second to one tracker process. The simulator answers every one of
+them at once; this measures what the real tracker can do.
+
+It starts the real tracker (``p2preg tracker``) on 127.0.0.1, opens a session for each of
+``--peers`` peer ids (the cluster-secret handshake), announces each once so the blob's swarm
+holds them all, then sends ``--announces`` more, round robin over the peers, each with a random
+piece count, over ``--connections`` keep-alive connections (one request in flight on each).
+The requests are built beforehand and the answers read with a minimal HTTP/1.1 reader, so the
+load generator costs far less than the tracker it drives. It reports the tracker process's CPU
+per announce (user + system, from /proc), its throughput and the answers' latency, and side by
+side: the announces a second one tracker core can answer against the rollout's demand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import secrets
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+import msgpack  # type: ignore[import-untyped]
+import trio
+
+from p2preg.cluster_auth import authorization_header, client_mac
+from p2preg.errors import ConfigError
+from p2preg.units import parse_duration
+from simulations.bench_registry import free_port, wait_ready
+from simulations.netns import Child
+
+DIGEST = "sha256:" + "ab" * 32
+PIECES = 512  # a 1 GiB layer at the agent's default piece length (2 MiB)
+MSGPACK = "application/msgpack"
+SETUP_CONCURRENCY = 32
+ANSWER_TIMEOUT = 60.0  # one answer; the whole run is bounded by --announces
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    peers: int
+    announces: int
+    connections: int
+    seconds: float
+    tracker_cpu_s: float
+    cpu_ms_per_announce: float
+    announces_per_s: float
+    latency_p50_ms: float
+    latency_p99_ms: float
+    interval_s: float
+    demand_per_s: float  # the rollout's announces a second: peers / interval
+    capacity_per_core: float  # 1000 / cpu_ms_per_announce
+
+    def report(self) -> str:
+        ratio = self.capacity_per_core / self.demand_per_s
+        rows = [
+            f"tracker   {self.peers} peers in one blob's swarm, {self.announces} announces "
+            f"over {self.connections} connections in {self.seconds:.1f} s",
+            f"CPU       {self.cpu_ms_per_announce:.3f} ms per announce "
+            f"({self.tracker_cpu_s:.1f} s in all, user + system)",
+            f"served    {self.announces_per_s:.0f} announces/s; latency p50 "
+            f"{self.latency_p50_ms:.1f} ms, p99 {self.latency_p99_ms:.1f} ms",
+            "",
+            "| | announces a second | ratio |",
+            "| --- | --- | --- |",
+            f"| demand: {self.peers} downloading nodes, one announce each "
+            f"{self.interval_s:g} s (baseline) | {self.demand_per_s:.0f} | 1.00x |",
+            f"| one tracker core at the measured CPU per announce | "
+            f"{self.capacity_per_core:.0f} | {ratio:.2f}x |",
+        ]
+        return "\n".join(rows)
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` so far (/proc/PID/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def open_sessions(url: str, secret: bytes, peer_ids: Sequence[bytes]) -> list[bytes]:
+    """A session token per peer id, by the tracker's challenge / session handshake."""
+    tokens: list[bytes] = [b""] * len(peer_ids)
+    limit = trio.Semaphore(SETUP_CONCURRENCY)
+    pack = msgpack.packb
+    headers = {"Content-Type": MSGPACK, "Accept": MSGPACK}
+
+    async def one(client: httpx.AsyncClient, index: int) -> None:
+        peer_id = peer_ids[index]
+        async with limit:
+            answer = await client.post(
+                f"{url}/v1/auth/challenge", content=pack({"peer_id": peer_id}), headers=headers
+            )
+            nonce_t = msgpack.unpackb(answer.content)["nonce_t"]
+            nonce_c = secrets.token_bytes(len(nonce_t))
+            body = {
+                "peer_id": peer_id,
+                "nonce_t": nonce_t,
+                "nonce_c": nonce_c,
+                "mac_c": client_mac(secret, peer_id, nonce_t, nonce_c),
+            }
+            answer = await client.post(
+                f"{url}/v1/auth/session", content=pack(body), headers=headers
+            )
+            if answer.status_code != 200:
+                raise ConfigError(f"session refused: {answer.status_code} {answer.content!r}")
+            tokens[index] = msgpack.unpackb(answer.content)["token"]
+
+    limits = httpx.Limits(max_connections=SETUP_CONCURRENCY)
+    client = httpx.AsyncClient(trust_env=False, limits=limits, timeout=30)
+    async with client, trio.open_nursery() as nursery:
+        for index in range(len(peer_ids)):
+            nursery.start_soon(one, client, index)
+    return tokens
+
+
+def announce_request(port: int, peer_id: bytes, token: bytes, index: int, pieces: int) -> bytes:
+    """One announce as the agent sends it (tracker/client.py), as bytes on the wire."""
+    body: bytes = msgpack.packb(
+        {
+            "digest": DIGEST,
+            "peer_id": peer_id,
+            "addr": f"127.{index >> 16 & 255}.{index >> 8 & 255}.{index & 255}:7000",
+            "zone": "",
+            "complete": pieces == PIECES,
+            "pieces": pieces,
+        },
+        use_bin_type=True,
+    )
+    head = (
+        f"POST /v1/announce HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Authorization: {authorization_header(token)}\r\nContent-Type: {MSGPACK}\r\n"
+        f"Accept: {MSGPACK}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+async def read_answer(stream: trio.SocketStream, buffer: bytearray) -> int:
+    """Read one HTTP/1.1 answer with a Content-Length body from ``stream``; its status.
+    ``buffer`` carries bytes read past it (none, with one request in flight)."""
+    while b"\r\n\r\n" not in buffer:
+        data = await stream.receive_some(65536)
+        if not data:
+            raise ConnectionError("the tracker closed the connection")
+        buffer += data
+    end = buffer.index(b"\r\n\r\n") + 4
+    head = bytes(buffer[:end]).decode("latin-1").lower()
+    status = int(head.split(" ", 2)[1])
+    length = 0
+    for line in head.split("\r\n"):
+        if line.startswith("content-length:"):
+            length = int(line.partition(":")[2])
+    while len(buffer) < end + length:
+        data = await stream.receive_some(65536)
+        if not data:
+            raise ConnectionError("the tracker closed the connection mid-answer")
+        buffer += data
+    del buffer[: end + length]
+    return status
+
+
+async def drive(port: int, requests: Sequence[bytes], connections: int) -> list[float]:
+    """Send ``requests`` over ``connections`` keep-alive connections; the answers' latencies."""
+    latencies: list[float] = []
+    queue = iter(requests)
+
+    async def connection() -> None:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        buffer = bytearray()
+        async with stream:
+            for request in queue:
+                start = time.perf_counter()
+                await stream.send_all(request)
+                with trio.fail_after(ANSWER_TIMEOUT):
+                    status = await read_answer(stream, buffer)
+                if status != 200:
+                    raise ConfigError(f"announce answered {status}")
+                latencies.append(time.perf_counter() - start)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(connections):
+            nursery.start_soon(connection)
+    return latencies
+
+
+def run(peers: int, announces: int, connections: int, interval: float, work: Path) -> Result:
+    secret = secrets.token_hex(32).encode()
+    secret_file = work / "cluster-secret"
+    secret_file.write_bytes(secret)
+    port = free_port()
+    argv = [sys.executable, "-m", "p2preg", "tracker", "--addr", f"127.0.0.1:{port}"]
+    argv += ["--cluster-secret-file", str(secret_file), "--log-level", "warning"]
+    tracker = Child(argv, work / "tracker.log")
+    pid = tracker.pid
+    assert pid is not None  # (started in __init__)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(tracker, f"{url}/healthz", None, "tracker")
+        rng = random.Random(1)
+        peer_ids = [rng.randbytes(16) for _ in range(peers)]
+        print(f"opening {peers} sessions ...", file=sys.stderr)
+        tokens = trio.run(open_sessions, url, secret, peer_ids)
+        warm = [
+            announce_request(port, peer, token, i, 0)
+            for i, (peer, token) in enumerate(zip(peer_ids, tokens, strict=True))
+        ]
+        print(f"announcing {peers} peers once ...", file=sys.stderr)
+        trio.run(drive, port, warm, connections)
+        measured = [
+            announce_request(
+                port, peer_ids[n % peers], tokens[n % peers], n % peers, rng.randrange(PIECES)
+            )
+            for n in range(announces)
+        ]
+        print(f"measuring {announces} announces ...", file=sys.stderr)
+        cpu_before, start = process_cpu_seconds(pid), time.perf_counter()
+        latencies = trio.run(drive, port, measured, connections)
+        seconds = time.perf_counter() - start
+        cpu = process_cpu_seconds(pid) - cpu_before
+    finally:
+        tracker.close()
+    latencies.sort()
+    per_announce_ms = 1000 * cpu / announces
+    return Result(
+        peers=peers,
+        announces=announces,
+        connections=connections,
+        seconds=seconds,
+        tracker_cpu_s=cpu,
+        cpu_ms_per_announce=per_announce_ms,
+        announces_per_s=announces / seconds,
+        latency_p50_ms=1000 * statistics.median(latencies),
+        latency_p99_ms=1000 * latencies[int(0.99 * (len(latencies) - 1))],
+        interval_s=interval,
+        demand_per_s=peers / interval,
+        capacity_per_core=1000 / per_announce_ms if per_announce_ms > 0 else float("inf"),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--peers", type=int, default=10_000)
+    parser.add_argument("--announces", type=int, default=20_000)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--interval", default="1s", help="each node's announce interval")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        interval = parse_duration(args.interval)
+        for name in ("peers", "announces", "connections"):
+            if not 1 <= getattr(args, name) <= 1_000_000:
+                raise ConfigError(f"--{name} must be 1..1000000")
+        if interval <= 0:
+            raise ConfigError("--interval must be positive")
+        with tempfile.TemporaryDirectory(prefix="p2preg-bench-tracker-") as work:
+            result = run(args.peers, args.announces, args.connections, interval, Path(work))
+    except ConfigError as exc:
+        print(f"bench_tracker: {exc}", file=sys.stderr)
+        return 2
+    print(result.report())
+    if args.json:
+        args.json.write_text(json.dumps(asdict(result), indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
