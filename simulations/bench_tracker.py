@@ -22,7 +22,10 @@ side: the announces a second one tracker core can answer against the rollout's d
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
+import math
 import os
 import random
 import secrets
@@ -30,24 +33,30 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import msgpack  # type: ignore[import-untyped]
 import trio
 
 from p2preg.cluster_auth import authorization_header, client_mac
+from p2preg.digest import Digest
 from p2preg.errors import ConfigError
+from p2preg.metainfo import MetaInfo
 from p2preg.units import parse_duration
 from simulations.bench_registry import free_port, wait_ready
 from simulations.netns import Child
+from tracker.client import DEFAULT_TIMEOUT
 
 DIGEST = "sha256:" + "ab" * 32
 PIECES = 512  # a 1 GiB layer at the agent's default piece length (2 MiB)
 MSGPACK = "application/msgpack"
 SETUP_CONCURRENCY = 32
+MAX_COUNT = 1_000_000
+MAX_STORM = 15_000  # connections open at once: this machine's open-file limit is 20,000
 ANSWER_TIMEOUT = 60.0  # one answer; the whole run is bounded by --announces
 
 
@@ -84,6 +93,42 @@ class Result:
             f"{self.capacity_per_core:.0f} | {ratio:.2f}x |",
         ]
         return "\n".join(rows)
+
+
+@dataclass(frozen=True, slots=True)
+class StormResult:
+    """Every agent starting a pull at once: each makes the start calls of agent/
+    swarm_coordinator.py (a session: challenge + session; the metainfo; the lease, held by the
+    blob's fetcher; an announce), each call within the client's deadline (tracker/client.py
+    DEFAULT_TIMEOUT); an agent whose call misses it takes the tracker for down and pulls the
+    blob from the origin."""
+
+    peers: int
+    deadline_s: float
+    through: int  # agents whose every start call was answered within the deadline
+    gave_up: int  # agents that would have gone to the origin
+    all_through_s: float  # when the last agent that got through was through
+    start_p50_s: float  # of the agents that got through
+    start_p99_s: float
+    tracker_cpu_s: float
+
+    def report(self) -> str:
+        calls = len(START_CALLS)
+        return "\n".join(
+            [
+                f"storm     {self.peers} agents start at once, {calls} tracker calls each "
+                f"({', '.join(START_CALLS)}), each within {self.deadline_s:g} s",
+                f"through   {self.through} ({100 * self.through / self.peers:.1f}%), the last "
+                f"at {self.all_through_s:.1f} s; start p50 {self.start_p50_s:.2f} s, p99 "
+                f"{self.start_p99_s:.2f} s",
+                f"origin    {self.gave_up} agents missed a deadline and would pull from the origin",
+                f"CPU       {self.tracker_cpu_s:.1f} s of tracker CPU, "
+                f"{1000 * self.tracker_cpu_s / self.peers:.2f} ms per agent's start",
+            ]
+        )
+
+
+START_CALLS = ("challenge", "session", "metainfo", "lease", "announce")
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -128,30 +173,36 @@ async def open_sessions(url: str, secret: bytes, peer_ids: Sequence[bytes]) -> l
     return tokens
 
 
-def announce_request(port: int, peer_id: bytes, token: bytes, index: int, pieces: int) -> bytes:
-    """One announce as the agent sends it (tracker/client.py), as bytes on the wire."""
-    body: bytes = msgpack.packb(
-        {
-            "digest": DIGEST,
-            "peer_id": peer_id,
-            "addr": f"127.{index >> 16 & 255}.{index >> 8 & 255}.{index & 255}:7000",
-            "zone": "",
-            "complete": pieces == PIECES,
-            "pieces": pieces,
-        },
-        use_bin_type=True,
-    )
+def http_request(
+    port: int, method: str, path: str, body: object = None, token: bytes | None = None
+) -> bytes:
+    """One request as tracker/client.py sends it, as bytes on the wire."""
+    content: bytes = b"" if body is None else msgpack.packb(body, use_bin_type=True)
+    auth = "" if token is None else f"Authorization: {authorization_header(token)}\r\n"
     head = (
-        f"POST /v1/announce HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-        f"Authorization: {authorization_header(token)}\r\nContent-Type: {MSGPACK}\r\n"
-        f"Accept: {MSGPACK}\r\nContent-Length: {len(body)}\r\n\r\n"
+        f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{auth}"
+        f"Content-Type: {MSGPACK}\r\nAccept: {MSGPACK}\r\n"
+        f"Content-Length: {len(content)}\r\n\r\n"
     )
-    return head.encode() + body
+    return head.encode() + content
 
 
-async def read_answer(stream: trio.SocketStream, buffer: bytearray) -> int:
-    """Read one HTTP/1.1 answer with a Content-Length body from ``stream``; its status.
-    ``buffer`` carries bytes read past it (none, with one request in flight)."""
+def announce_request(port: int, peer_id: bytes, token: bytes, index: int, pieces: int) -> bytes:
+    """One announce as the agent sends it."""
+    body = {
+        "digest": DIGEST,
+        "peer_id": peer_id,
+        "addr": f"127.{index >> 16 & 255}.{index >> 8 & 255}.{index & 255}:7000",
+        "zone": "",
+        "complete": pieces == PIECES,
+        "pieces": pieces,
+    }
+    return http_request(port, "POST", "/v1/announce", body, token)
+
+
+async def read_answer(stream: trio.SocketStream, buffer: bytearray) -> tuple[int, bytes]:
+    """Read one HTTP/1.1 answer with a Content-Length body from ``stream``: its status and
+    body. ``buffer`` carries bytes read past it (none, with one request in flight)."""
     while b"\r\n\r\n" not in buffer:
         data = await stream.receive_some(65536)
         if not data:
@@ -169,8 +220,9 @@ async def read_answer(stream: trio.SocketStream, buffer: bytearray) -> int:
         if not data:
             raise ConnectionError("the tracker closed the connection mid-answer")
         buffer += data
+    body = bytes(buffer[end : end + length])
     del buffer[: end + length]
-    return status
+    return status, body
 
 
 async def drive(port: int, requests: Sequence[bytes], connections: int) -> list[float]:
@@ -186,7 +238,7 @@ async def drive(port: int, requests: Sequence[bytes], connections: int) -> list[
                 start = time.perf_counter()
                 await stream.send_all(request)
                 with trio.fail_after(ANSWER_TIMEOUT):
-                    status = await read_answer(stream, buffer)
+                    status, _ = await read_answer(stream, buffer)
                 if status != 200:
                     raise ConfigError(f"announce answered {status}")
                 latencies.append(time.perf_counter() - start)
@@ -197,7 +249,114 @@ async def drive(port: int, requests: Sequence[bytes], connections: int) -> list[
     return latencies
 
 
-def run(peers: int, announces: int, connections: int, interval: float, work: Path) -> Result:
+Caller = Callable[..., Awaitable[Any]]
+
+
+class _Call:
+    """One agent's connection to the tracker, one request at a time: the answer's msgpack
+    payload (None for a 404), within ``deadline`` (else TooSlowError: the client gives up)."""
+
+    def __init__(self, stream: trio.SocketStream, port: int, deadline: float = math.inf) -> None:
+        self.stream, self.port, self.buffer = stream, port, bytearray()
+        self.deadline = deadline
+
+    async def __call__(
+        self, method: str, path: str, body: object = None, token: bytes | None = None
+    ) -> Any:
+        with trio.fail_after(self.deadline):
+            await self.stream.send_all(http_request(self.port, method, path, body, token))
+            status, content = await read_answer(self.stream, self.buffer)
+        payload = msgpack.unpackb(content) if content else None
+        if status == 404:
+            return None
+        if status != 200:
+            raise ConfigError(f"{method} {path} answered {status}: {content[:200]!r}")
+        return payload
+
+
+async def start_calls(call: Caller, secret: bytes, peer_id: bytes, index: int) -> bytes:
+    """What an agent asks the tracker when a pull starts (agent/swarm_coordinator.py), in
+    START_CALLS' order; its session token."""
+    answer = await call("POST", "/v1/auth/challenge", {"peer_id": peer_id})
+    nonce_t, nonce_c = answer["nonce_t"], secrets.token_bytes(32)
+    mac_c = client_mac(secret, peer_id, nonce_t, nonce_c)
+    session = {"peer_id": peer_id, "nonce_t": nonce_t, "nonce_c": nonce_c, "mac_c": mac_c}
+    token: bytes = (await call("POST", "/v1/auth/session", session))["token"]
+    await call("GET", f"/v1/metainfo/{DIGEST}", None, token)
+    await call("POST", "/v1/lease", {"digest": DIGEST, "peer_id": peer_id}, token)
+    addr = f"10.9.{index >> 8 & 255}.{index & 255}:7000"
+    body = {"digest": DIGEST, "peer_id": peer_id, "addr": addr, "zone": ""}
+    await call("POST", "/v1/announce", {**body, "complete": False, "pieces": 0}, token)
+    return token
+
+
+async def publish(port: int, secret: bytes, peer_id: bytes) -> None:
+    """The blob's fetcher, before the storm: the lease, then the metainfo with its first
+    hashes (the others' lease calls find it held, their metainfo calls find it)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        call = _Call(stream, port)
+        token = await start_calls(call, secret, peer_id, 0)
+        length = 2 * 1024 * 1024
+        empty = MetaInfo.empty(Digest.parse(DIGEST), PIECES * length, length)
+        hashes = tuple(bytes(16) if i < 32 else None for i in range(PIECES))
+        metainfo = dataclasses.replace(empty, piece_hashes=hashes)
+        await call("PUT", f"/v1/metainfo/{DIGEST}", metainfo.to_wire(), token)
+
+
+async def storm(
+    port: int, secret: bytes, peer_ids: Sequence[bytes], deadline: float
+) -> list[float | None]:
+    """Every agent's start calls at once; per agent, the seconds until it was through (None:
+    its connect or a call missed the deadline, as tracker/client.py times them)."""
+    through: list[float | None] = [None] * len(peer_ids)
+    start = trio.current_time()
+
+    async def agent(index: int) -> None:
+        try:
+            with trio.fail_after(deadline):
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+        except (trio.TooSlowError, OSError):
+            return
+        async with stream:
+            call = _Call(stream, port, deadline)
+            try:
+                await start_calls(call, secret, peer_ids[index], index + 1)
+            except trio.TooSlowError:
+                return
+        through[index] = trio.current_time() - start
+
+    async with trio.open_nursery() as nursery:
+        for index in range(len(peer_ids)):
+            nursery.start_soon(agent, index)
+    return through
+
+
+def run_storm(peers: int, deadline: float, work: Path) -> StormResult:
+    with started_tracker(work) as (port, pid, secret):
+        rng = random.Random(2)
+        trio.run(publish, port, secret, rng.randbytes(16))
+        peer_ids = [rng.randbytes(16) for _ in range(peers)]
+        print(f"{peers} agents start at once ...", file=sys.stderr)
+        cpu_before = process_cpu_seconds(pid)
+        times = trio.run(storm, port, secret, peer_ids, deadline)
+        cpu = process_cpu_seconds(pid) - cpu_before
+    done = sorted(t for t in times if t is not None)
+    return StormResult(
+        peers=peers,
+        deadline_s=deadline,
+        through=len(done),
+        gave_up=peers - len(done),
+        all_through_s=done[-1] if done else math.nan,
+        start_p50_s=statistics.median(done) if done else math.nan,
+        start_p99_s=done[int(0.99 * (len(done) - 1))] if done else math.nan,
+        tracker_cpu_s=cpu,
+    )
+
+
+@contextlib.contextmanager
+def started_tracker(work: Path) -> Iterator[tuple[int, int, bytes]]:
+    """The real tracker on 127.0.0.1: (port, pid, cluster secret); stopped at the end."""
     secret = secrets.token_hex(32).encode()
     secret_file = work / "cluster-secret"
     secret_file.write_bytes(secret)
@@ -205,11 +364,18 @@ def run(peers: int, announces: int, connections: int, interval: float, work: Pat
     argv = [sys.executable, "-m", "p2preg", "tracker", "--addr", f"127.0.0.1:{port}"]
     argv += ["--cluster-secret-file", str(secret_file), "--log-level", "warning"]
     tracker = Child(argv, work / "tracker.log")
-    pid = tracker.pid
-    assert pid is not None  # (started in __init__)
     try:
+        wait_ready(tracker, f"http://127.0.0.1:{port}/healthz", None, "tracker")
+        pid = tracker.pid
+        assert pid is not None  # (started in __init__)
+        yield port, pid, secret
+    finally:
+        tracker.close()
+
+
+def run(peers: int, announces: int, connections: int, interval: float, work: Path) -> Result:
+    with started_tracker(work) as (port, pid, secret):
         url = f"http://127.0.0.1:{port}"
-        wait_ready(tracker, f"{url}/healthz", None, "tracker")
         rng = random.Random(1)
         peer_ids = [rng.randbytes(16) for _ in range(peers)]
         print(f"opening {peers} sessions ...", file=sys.stderr)
@@ -231,8 +397,6 @@ def run(peers: int, announces: int, connections: int, interval: float, work: Pat
         latencies = trio.run(drive, port, measured, connections)
         seconds = time.perf_counter() - start
         cpu = process_cpu_seconds(pid) - cpu_before
-    finally:
-        tracker.close()
     latencies.sort()
     per_announce_ms = 1000 * cpu / announces
     return Result(
@@ -257,17 +421,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--announces", type=int, default=20_000)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--interval", default="1s", help="each node's announce interval")
+    parser.add_argument(
+        "--storm",
+        action="store_true",
+        help="instead: --peers agents start a pull at once (the start-up calls of each)",
+    )
+    parser.add_argument(
+        "--deadline", default=f"{DEFAULT_TIMEOUT:g}s", help="a tracker call's deadline (5s)"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    result: Result | StormResult
     try:
         interval = parse_duration(args.interval)
+        deadline = parse_duration(args.deadline)
         for name in ("peers", "announces", "connections"):
-            if not 1 <= getattr(args, name) <= 1_000_000:
-                raise ConfigError(f"--{name} must be 1..1000000")
-        if interval <= 0:
-            raise ConfigError("--interval must be positive")
+            if not 1 <= getattr(args, name) <= MAX_COUNT:
+                raise ConfigError(f"--{name} must be 1..{MAX_COUNT}")
+        if interval <= 0 or deadline <= 0:
+            raise ConfigError("--interval and --deadline must be positive")
+        if args.storm and args.peers > MAX_STORM:
+            raise ConfigError(f"--storm: at most {MAX_STORM} peers (a connection each)")
         with tempfile.TemporaryDirectory(prefix="p2preg-bench-tracker-") as work:
-            result = run(args.peers, args.announces, args.connections, interval, Path(work))
+            if args.storm:
+                result = run_storm(args.peers, deadline, Path(work))
+            else:
+                result = run(args.peers, args.announces, args.connections, interval, Path(work))
     except ConfigError as exc:
         print(f"bench_tracker: {exc}", file=sys.stderr)
         return 2

@@ -4,7 +4,9 @@ Several trackers split the digests between them by rendezvous (highest random we
 every client ranks the trackers for a digest by ``hash(url, digest)`` and asks the first; all
 clients agree without talking to each other, and when a tracker leaves only its digests move.
 On a connection error, a timeout or a 5xx the client asks the next tracker in that ranking
-(and ranks the failed one last for ``down_for`` seconds). Every attempt has a deadline.
+(and ranks the failed one last for ``down_for`` seconds). Every attempt has deadlines: ``timeout``
+to connect and send, ``answer_timeout`` (longer) for the answer: a tracker that took the request
+and answers slowly is busy, not down.
 
 Trackers found by discovery (agent/discovery.py, ``set_discovered``) come after the explicit
 ones: a digest goes to a discovered tracker only when every explicit tracker failed, so an
@@ -58,6 +60,13 @@ log = logging.getLogger(__name__)
 MSGPACK = "application/msgpack"
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 DEFAULT_TIMEOUT = 5.0
+# How long an answer may take once the tracker took the request. Longer than the connect
+# deadline on purpose: a tracker that accepted us but answers slowly is busy, not down, and
+# an agent that gives up on it pulls from the origin. 10,000 agents that start a pull at once
+# need about 23 s of one tracker's CPU, and it serves their calls in turn, so each call waits
+# for about the whole backlog: with a 5 s deadline 94% of them would have gone to the origin
+# (`python -m simulations.bench_tracker --storm`; docs/tracker.md, "A rollout's start").
+DEFAULT_ANSWER_TIMEOUT = 30.0
 # An announce interval or pace beyond this is taken as this (a tracker's answer is not trusted
 # to silence an agent for longer).
 MAX_INTERVAL = 3600.0
@@ -154,6 +163,7 @@ class TrackerClient:
         cluster_secret: bytes,
         *,
         timeout: float = DEFAULT_TIMEOUT,
+        answer_timeout: float = DEFAULT_ANSWER_TIMEOUT,
         down_for: float = DOWN_FOR,
         transport: httpx.AsyncBaseTransport | None = None,
         random_bytes: Callable[[int], bytes] = secrets.token_bytes,
@@ -171,12 +181,13 @@ class TrackerClient:
         self.urls = list(self._explicit)
         self.peer_id = bytes(peer_id)
         self._secret = cluster_secret
-        self.timeout = timeout
+        self.timeout = timeout  # to connect and send a request
+        self.answer_timeout = answer_timeout  # for its answer, once sent
         self._down_for = down_for
         self._random_bytes = random_bytes
         self._http = httpx.AsyncClient(
             trust_env=False,
-            timeout=httpx.Timeout(timeout),
+            timeout=httpx.Timeout(timeout, read=answer_timeout),
             transport=transport,
             follow_redirects=False,
         )
@@ -414,7 +425,7 @@ class TrackerClient:
             content = msgpack.packb(body, use_bin_type=True)
             headers["Content-Type"] = MSGPACK
         try:
-            with trio.fail_after(self.timeout):
+            with trio.fail_after(self.timeout + self.answer_timeout):
                 async with self._http.stream(
                     method, url + path, content=content, headers=headers
                 ) as response:
@@ -426,7 +437,7 @@ class TrackerClient:
                     status = response.status_code
                     content_type = response.headers.get("content-type", "")
         except trio.TooSlowError:
-            raise _Failover(f"no answer within {self.timeout:g}s") from None
+            raise _Failover(f"no answer within {self.timeout + self.answer_timeout:g}s") from None
         except (httpx.HTTPError, OSError) as exc:
             raise _Failover(f"{type(exc).__name__}: {exc}") from None
         if not data or not content_type.startswith(MSGPACK):

@@ -298,12 +298,15 @@ async def test_client_refuses_a_tracker_that_does_not_know_the_secret(
         await client.announce(BLOB, addr="h:1", complete=False, pieces=0)
 
 
-def _tracker_answering(announce_answer: dict[str, Any]) -> Callable[[Request], Awaitable[Response]]:
+def _tracker_answering(
+    announce_answer: dict[str, Any], delay: float = 0.0
+) -> Callable[[Request], Awaitable[Response]]:
     """A stand-in tracker that knows the secret and answers every announce with
-    ``announce_answer`` (an older tracker, or a broken one)."""
+    ``announce_answer`` (an older tracker, or a broken one), each call ``delay`` late."""
     nonces: dict[bytes, bytes] = {}
 
     async def handle(request: Request) -> Response:
+        await trio.sleep(delay)
         body = msgpack.unpackb(request.body) if request.body else {}
         if request.target == "/v1/auth/challenge":
             nonces[body["peer_id"]] = nonce_t = os.urandom(32)
@@ -342,6 +345,21 @@ async def test_a_bad_pace_is_refused_not_obeyed(clients, nursery: trio.Nursery, 
     client = clients(f"http://127.0.0.1:{bound_port(listeners)}")
     with pytest.raises(TrackerUnavailable, match="bad pace"):
         await client.announce(BLOB, addr="h:1", complete=False, pieces=0)
+
+
+async def test_a_slow_answer_is_waited_for_not_failed_over(clients, nursery: trio.Nursery) -> None:
+    """A tracker that took the request is busy, not down: with a 0.2 s connect deadline the
+    answer that takes 0.6 s still counts. Failing over (and then pulling from the origin) is
+    what turned 10,000 agents starting at once into a stampede (bench_tracker --storm)."""
+    busy = _tracker_answering({"peers": [], "interval": 10, "swarm": 7}, delay=0.6)
+    listeners = await nursery.start(
+        functools.partial(serve_http, max_body=4096), "127.0.0.1", 0, busy
+    )
+    client = clients(f"http://127.0.0.1:{bound_port(listeners)}", timeout=0.2)
+    assert client.answer_timeout == 30.0
+    with trio.fail_after(10):
+        answer = await client.announce(BLOB, addr="h:1", complete=False, pieces=0)
+    assert answer.swarm == 7
 
 
 async def test_a_pace_beyond_an_hour_is_taken_as_an_hour(clients, nursery: trio.Nursery) -> None:
@@ -461,7 +479,7 @@ async def test_failover_on_5xx_and_on_a_tracker_that_never_answers(
     for handler in (broken, silent):
         port = bound_port(await nursery.start(serve_http, "127.0.0.1", 0, handler))
         bad_url = f"http://127.0.0.1:{port}"
-        client = clients(bad_url, good.url, timeout=0.5)
+        client = clients(bad_url, good.url, timeout=0.5, answer_timeout=0.5)
         digest = next(
             d
             for d in (Digest.of_bytes(bytes([n])) for n in range(100))

@@ -607,9 +607,12 @@ def test_constants_agree_with_the_agent_and_the_tracker() -> None:
     assert tracker.peer_ttl == sim.PEER_TTL
     assert tracker.lease_ttl == sim.LEASE_TTL
     assert tracker.load_half_life == sim.LOAD_HALF_LIFE
-    assert tracker.announce_budget == sim.SimConfig(
-        nodes=1, blob_size=1, node_upload=1, node_download=1, origin_upload=1
-    ).announce_budget
+    assert (
+        tracker.announce_budget
+        == sim.SimConfig(
+            nodes=1, blob_size=1, node_upload=1, node_download=1, origin_upload=1
+        ).announce_budget
+    )
     fields = AgentConfig.__dataclass_fields__
     assert fields["swarm_stall_timeout"].default == sim.STALL_TIMEOUT
     assert fields["piece_timeout"].default == sim.PIECE_TIMEOUT
