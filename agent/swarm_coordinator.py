@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 
 PUBLISH_INTERVAL = 0.2
 METAINFO_POLL = 0.1
+# Stored blobs are looked at this often for a re-announce due (SwarmCoordinator.seed_forever).
+SEED_ROUND = 10.0
 # Peers are rotated (where the swarm's size calls for it) once a second, from the tracker's
 # last answer, however often the tracker asks us to announce (p2preg/announce_pacing.py).
 ROTATION_INTERVAL = 1.0
@@ -456,15 +458,26 @@ class SwarmCoordinator:
         self,
         store_digests: Callable[[], list[Digest]],
         metainfo_of: Callable[[Digest], MetaInfo | None],
+        round_seconds: float = SEED_ROUND,
     ) -> None:
-        """Re-announce every stored blob (after a restart too) so peers find the seeders."""
+        """Re-announce every stored blob (after a restart too) so peers find the seeders, each
+        when the tracker's last answer for it said (``interval``: it paces seeders by how
+        many records it holds, p2preg/announce_pacing.py), a blob not announced yet at once."""
+        due: dict[Digest, float] = {}
         while True:
-            for digest in store_digests():
+            now = trio.current_time()
+            stored = store_digests()
+            for digest in stored:
+                if due.get(digest, now) > now:
+                    continue
                 metainfo = metainfo_of(digest)
                 if metainfo is None:
                     continue
                 try:
-                    await self._announce(digest, metainfo, metainfo.num_pieces)
+                    result = await self._announce(digest, metainfo, metainfo.num_pieces)
                 except TrackerUnavailable:
-                    break
-            await trio.sleep(10.0)
+                    break  # (the others are tried again at the next round)
+                due[digest] = trio.current_time() + max(round_seconds, result.interval)
+            for gone in due.keys() - set(stored):
+                del due[gone]  # deleted from the store (garbage-collected)
+            await trio.sleep(round_seconds)

@@ -21,6 +21,15 @@ more trackers (its blobs spread over them; docs/operations.md).
 Agents rotate peers once a second from the tracker's last answer, whatever the pace (agent/
 swarm_coordinator.py; the simulator does the same with this function), so pacing the announces
 does not slow the rotation.
+
+Seeders re-announce every blob they hold so that peers keep finding them, a load that grows
+with nodes x blobs, not with the rollout: 1,000 nodes holding 100 layers each, at the fixed 10 s
+they used, asked 10,000 announces a second of the tracker, every second of the day. So the
+tracker paces them too, to SEEDER_SHARE of the budget, from the 10 s floor up to
+MAX_SEEDER_INTERVAL (BitTorrent's customary 30 minutes), and keeps each record for
+RECORD_LIFETIMES of the interval it gave (tracker/peer_store.py): a seeder told to come back in
+10 minutes is not dropped after the 30 s a downloader's record lives. A seeder that died is
+then handed out until its record runs out; dialling it fails fast and the agent dials another.
 """
 
 from __future__ import annotations
@@ -29,6 +38,11 @@ from __future__ import annotations
 ANNOUNCE_INTERVAL = 1.0
 # Announces a second a tracker paces its downloaders to (TrackerConfig.announce_budget).
 ANNOUNCE_BUDGET = 500.0
+# The part of that budget the seeders' re-announces get, and the slowest they are paced to.
+SEEDER_SHARE = 0.25
+MAX_SEEDER_INTERVAL = 1800.0
+# A peer's record lives this many of the intervals it was told (two announces may be lost).
+RECORD_LIFETIMES = 3
 
 
 def downloader_interval(
@@ -38,3 +52,10 @@ def downloader_interval(
     asks a downloader to announce: ANNOUNCE_INTERVAL while ``live_peers`` announces a second fit
     in ``budget``, else ``live_peers / budget``, at most ``ceiling`` (the seeders' interval)."""
     return min(max(ceiling, ANNOUNCE_INTERVAL), max(ANNOUNCE_INTERVAL, live_peers / budget))
+
+
+def seeder_interval(seeders: int, budget: float = ANNOUNCE_BUDGET, floor: float = 10.0) -> float:
+    """The interval, in seconds, at which a tracker tracking ``seeders`` complete records (all
+    blobs) asks a seeder to re-announce a blob: ``floor`` (a third of the peer TTL) while they
+    fit in SEEDER_SHARE of ``budget``, else slower in proportion, at most MAX_SEEDER_INTERVAL."""
+    return min(MAX_SEEDER_INTERVAL, max(floor, seeders / (budget * SEEDER_SHARE)))

@@ -1703,7 +1703,8 @@ class Simulator:
         from the last answer; the tracker forgets peers that stopped announcing PEER_TTL ago;
         a stalled node may take the lease."""
         others = len(self.tiers) - 1  # an announce's swarm count, less the announcer
-        pace = downloader_interval(len(self.tiers), self.cfg.announce_budget, PEER_TTL / 3)
+        downloading = sum(1 for n in self.nodes if n.record is not None and not n.record.complete)
+        pace = downloader_interval(downloading, self.cfg.announce_budget, PEER_TTL / 3)
         for node in self.nodes:
             if not node.started:
                 continue

@@ -7,8 +7,9 @@ without sleeping.
 
 Semantics (docs/tracker.md):
 
-- Peers: ``announce`` upserts a peer's record for a digest; ``peers`` returns the records not
-  older than ``peer_ttl``; ``handout_candidates`` returns what the handout policy ranks for one
+- Peers: ``announce`` upserts a peer's record for a digest, to live ``peer_ttl`` or the
+  ``ttl`` the tracker gives it (3 of the intervals it told the announcer); ``peers`` returns
+  the records still alive; ``handout_candidates`` returns what the handout policy ranks for one
   requester: the records bucketed by zone and completeness (``PeerTiers``), big tiers sampled
   (``StoreLimits.handout_sample``), O(limit + sample) per announce, not O(swarm). At most
   ``max_peers_per_digest`` per digest and ``max_total_peers`` overall; beyond that the least
@@ -30,6 +31,7 @@ Semantics (docs/tracker.md):
 from __future__ import annotations
 
 import abc
+import heapq
 import logging
 import random
 from collections.abc import Sequence
@@ -103,7 +105,11 @@ class PeerStore(abc.ABC):
     """The contract every store implements (memory now, Redis later)."""
 
     @abc.abstractmethod
-    async def announce(self, digest: Digest, record: PeerRecord, now: float) -> None: ...
+    async def announce(
+        self, digest: Digest, record: PeerRecord, now: float, ttl: float | None = None
+    ) -> None:
+        """Upsert ``record``; it lives ``ttl`` seconds (None: ``peer_ttl``) unless announced
+        again."""
 
     @abc.abstractmethod
     async def peers(self, digest: Digest, now: float) -> list[PeerRecord]: ...
@@ -121,9 +127,10 @@ class PeerStore(abc.ABC):
         (p2preg.swarm_limits), which a handout of at most ``max_peers`` cannot tell."""
 
     @abc.abstractmethod
-    async def peer_count(self) -> int:
-        """Peer records held for all blobs (stale ones until the next sweep drops them): the
-        announce load the tracker paces (p2preg/announce_pacing.py). O(1): asked per announce."""
+    async def peer_counts(self) -> tuple[int, int]:
+        """Peer records held for all blobs, (downloading, complete) (stale ones until the next
+        sweep drops them): the announce load the tracker paces (p2preg/announce_pacing.py).
+        O(1): asked per announce."""
 
     @abc.abstractmethod
     async def get_metainfo(self, digest: Digest) -> MetaInfo | None: ...
@@ -179,6 +186,12 @@ class _Blob:
     # peer id -> record; dict order: least recently announced first.
     peers: dict[bytes, PeerRecord] = field(default_factory=dict)
     tiers: PeerTiers = field(default_factory=PeerTiers)  # the same records, bucketed
+    # When each record runs out: a heap of (expires at, announce number, peer id), an entry
+    # per announce; the live one is the peer's number in ``announced``. Records live as long
+    # as the interval their announcer was told allows (p2preg/announce_pacing.py), so they
+    # do not run out in announce order.
+    expiry: list[tuple[float, int, bytes]] = field(default_factory=list)
+    announced: dict[bytes, int] = field(default_factory=dict)
     metainfo: MetaInfo | None = None
     leases: list[Lease] = field(default_factory=list)
     quarantined: dict[bytes, float] = field(default_factory=dict)  # publisher -> until
@@ -195,6 +208,8 @@ class MemoryPeerStore(PeerStore):
         # digest -> state; dict order: least recently touched first.
         self._blobs: dict[Digest, _Blob] = {}
         self._peer_count = 0
+        self._seeder_count = 0  # records with complete=True, all blobs
+        self._announces = 0  # numbers the announces (_Blob.expiry)
         self._load = HandoutLoad(self.limits.load_half_life)
 
     # -- bookkeeping -----------------------------------------------------------------------------
@@ -212,24 +227,26 @@ class MemoryPeerStore(PeerStore):
     def _evict(self, digest: Digest) -> None:
         blob = self._blobs.pop(digest)
         self._peer_count -= len(blob.peers)
+        self._seeder_count -= sum(1 for record in blob.peers.values() if record.complete)
+
+    def _remove(self, blob: _Blob, peer_id: bytes) -> None:
+        record = blob.peers.pop(peer_id)
+        blob.tiers.remove(peer_id)
+        del blob.announced[peer_id]
+        self._peer_count -= 1
+        self._seeder_count -= record.complete
 
     def _forget_if_empty(self, digest: Digest, blob: _Blob) -> None:
         if blob.is_empty() and self._blobs.get(digest) is blob:
             del self._blobs[digest]
 
     def _drop_stale_peers(self, blob: _Blob, now: float) -> None:
-        # Records are in announce order and the store's clock does not go back, so the stale
-        # ones are a prefix: O(dropped), not O(peers), on every announce.
-        cutoff = now - self.limits.peer_ttl
-        stale: list[bytes] = []
-        for peer_id, record in blob.peers.items():
-            if record.announced_at >= cutoff:
-                break
-            stale.append(peer_id)
-        for peer_id in stale:
-            del blob.peers[peer_id]
-            blob.tiers.remove(peer_id)
-        self._peer_count -= len(stale)
+        # O(log n) per expired entry, not O(peers), on every announce.
+        expiry, announced = blob.expiry, blob.announced
+        while expiry and expiry[0][0] < now:
+            _, number, peer_id = heapq.heappop(expiry)
+            if announced.get(peer_id) == number:  # (else re-announced since, or removed)
+                self._remove(blob, peer_id)
 
     def _valid_leases(self, blob: _Blob, now: float) -> list[Lease]:
         if any(lease.expires_at <= now for lease in blob.leases):
@@ -250,18 +267,29 @@ class MemoryPeerStore(PeerStore):
 
     # -- peers -----------------------------------------------------------------------------------
 
-    async def announce(self, digest: Digest, record: PeerRecord, now: float) -> None:
+    async def announce(
+        self, digest: Digest, record: PeerRecord, now: float, ttl: float | None = None
+    ) -> None:
         blob = self._touch(digest)
-        if blob.peers.pop(record.peer_id, None) is not None:
+        old = blob.peers.pop(record.peer_id, None)
+        if old is not None:
             self._peer_count -= 1
+            self._seeder_count -= old.complete
         blob.peers[record.peer_id] = record
         blob.tiers.upsert(record)
         self._peer_count += 1
+        self._seeder_count += record.complete
+        self._announces += 1
+        blob.announced[record.peer_id] = self._announces
+        lifetime = self.limits.peer_ttl if ttl is None else ttl
+        heapq.heappush(blob.expiry, (now + lifetime, self._announces, record.peer_id))
+        if len(blob.expiry) > 4 * len(blob.peers) + 64:
+            # Mostly entries of earlier announces (a downloader announces every second and
+            # lives 30 s): keep the live ones.
+            blob.expiry = [e for e in blob.expiry if blob.announced.get(e[2]) == e[1]]
+            heapq.heapify(blob.expiry)
         while len(blob.peers) > self.limits.max_peers_per_digest:
-            first = next(iter(blob.peers))
-            del blob.peers[first]
-            blob.tiers.remove(first)
-            self._peer_count -= 1
+            self._remove(blob, next(iter(blob.peers)))
         while self._peer_count > self.limits.max_total_peers and len(self._blobs) > 1:
             oldest = next(iter(self._blobs))
             if oldest == digest:
@@ -291,8 +319,8 @@ class MemoryPeerStore(PeerStore):
         self._drop_stale_peers(blob, now)
         return len(blob.peers)
 
-    async def peer_count(self) -> int:
-        return self._peer_count
+    async def peer_counts(self) -> tuple[int, int]:
+        return self._peer_count - self._seeder_count, self._seeder_count
 
     # -- metainfo --------------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from urllib.parse import unquote
 import msgpack  # type: ignore[import-untyped]
 import trio
 
+from p2preg.announce_pacing import RECORD_LIFETIMES
 from p2preg.cluster_auth import (
     NONCE_BYTES,
     PEER_ID_BYTES,
@@ -304,7 +305,14 @@ class TrackerAPI:
             pieces=_int_field(body, "pieces", 0, MAX_PIECES),
             announced_at=now,
         )
-        await self.store.announce(digest, record, now)
+        downloading, complete = await self.store.peer_counts()  # (before this announce)
+        pace = self.config.downloader_interval(downloading)
+        interval = self.config.seeder_interval(complete)
+        # A record lives for RECORD_LIFETIMES of the interval its announcer was told (a
+        # downloader's pace is at most the seeders' shortest interval: peer_ttl).
+        told = interval if record.complete else pace
+        ttl = max(self.config.peer_ttl, RECORD_LIFETIMES * told)
+        await self.store.announce(digest, record, now, ttl)
         candidates = await self.store.handout_candidates(
             digest, record, self.config.max_peers, self._rng, now
         )
@@ -318,13 +326,13 @@ class TrackerAPI:
             200,
             {
                 "peers": [_peer_wire(c) for c in chosen],
-                "interval": self.config.announce_interval,
+                # when to announce again once complete (a seeder), and while downloading
+                # (agents before "pace" announce every second then): p2preg/announce_pacing.py
+                "interval": interval,
                 # every live peer of the blob, the requester included (a handout lists at
                 # most max_peers of them; the agents size their limits by this)
                 "swarm": swarm,
-                # how often a downloader announces, so that this tracker keeps up with all it
-                # tracks (p2preg/announce_pacing.py; agents before it announce every second)
-                "pace": self.config.downloader_interval(await self.store.peer_count()),
+                "pace": pace,
             },
         )
 

@@ -239,11 +239,12 @@ async def test_the_swarm_count_goes_beyond_the_handout_limit(start_tracker, clie
     assert other.swarm == 1  # counted per blob
 
 
-async def test_the_tracker_paces_downloaders_by_all_the_peers_it_tracks(
+async def test_the_tracker_paces_downloaders_and_seeders_by_the_records_it_tracks(
     start_tracker, clients
 ) -> None:
-    """p2preg/announce_pacing.py: once a second while the peers it tracks (every blob) fit the
-    announce budget, then slower in proportion, at most the seeders' interval."""
+    """p2preg/announce_pacing.py: downloaders once a second while the downloading records it
+    tracks (every blob) fit the announce budget, then slower in proportion, at most a third
+    of the peer TTL; seeders from that third up, within a quarter of the budget."""
     tracker = await start_tracker(announce_budget=2, peer_ttl=12.0)  # ceiling 4 s
     first = clients(tracker.url)
     answer = await first.announce(BLOB, addr="10.0.0.1:7000", complete=False, pieces=0)
@@ -253,12 +254,23 @@ async def test_the_tracker_paces_downloaders_by_all_the_peers_it_tracks(
         answer = await other.announce(
             OTHER_BLOB, addr=f"10.0.0.{i + 2}:7000", complete=False, pieces=0
         )
-    assert answer.pace == 1.5  # 3 peers over both blobs / 2 a second
+    assert answer.pace == 1.0  # the 2 records before it / 2 a second
+    answer = await first.announce(BLOB, addr="10.0.0.1:7000", complete=False, pieces=1)
+    assert answer.pace == 1.5  # 3 downloading records over both blobs / 2 a second
     for i in range(10):
         other = clients(tracker.url)
         answer = await other.announce(BLOB, addr=f"10.0.1.{i + 1}:7000", complete=False, pieces=0)
-    assert answer.pace == 4.0  # 13 / 2 = 6.5 s, but never slower than a third of the TTL
+    assert answer.pace == 4.0  # 12 / 2 = 6 s, but never slower than a third of the TTL
     assert answer.interval == 4.0
+    # Seeders are paced too, to a quarter of the budget (0.5 a second here), from a third of
+    # the TTL up; a downloader's pace counts the downloading records only.
+    for i in range(4):
+        seeder = clients(tracker.url)
+        answer = await seeder.announce(
+            OTHER_BLOB, addr=f"10.0.2.{i + 1}:7000", complete=True, pieces=1
+        )
+    assert answer.interval == 6.0  # the 3 complete records before it / 0.5 a second
+    assert answer.pace == 4.0  # 13 downloading: still the ceiling
 
 
 async def test_a_small_swarms_often_handed_out_leecher_gives_way(start_tracker, clients) -> None:

@@ -49,6 +49,43 @@ async def test_announce_upserts_and_ttl_expires() -> None:
     assert (await s.stats())["peers"] == 0
 
 
+async def test_a_record_lives_as_long_as_its_announcer_was_told() -> None:
+    """The tracker paces seeders' re-announces (p2preg/announce_pacing.py) and gives their
+    records 3 of those intervals; a record no longer runs out in announce order."""
+    s = store(peer_ttl=30.0)
+    await s.announce(BLOB, peer(A, 0.0, complete=True, pieces=3), 0.0, ttl=300.0)
+    await s.announce(BLOB, peer(B, 10.0), 10.0)  # the default: peer_ttl
+    assert [p.peer_id for p in await s.peers(BLOB, 100.0)] == [A]
+    assert await s.peers(BLOB, 301.0) == []
+    # A re-announce's lifetime replaces the earlier one, longer or shorter.
+    await s.announce(BLOB, peer(C, 400.0), 400.0, ttl=300.0)
+    await s.announce(BLOB, peer(C, 410.0), 410.0, ttl=30.0)
+    assert await s.peers(BLOB, 441.0) == []
+    assert await s.peer_counts() == (0, 0)
+
+
+async def test_peer_counts_split_downloading_and_complete_records_of_all_blobs() -> None:
+    s = store(peer_ttl=30.0, max_digests=2)
+    await s.announce(BLOB, peer(A, 0.0), 0.0)
+    await s.announce(BLOB, peer(B, 0.0, complete=True), 0.0)
+    await s.announce(OTHER, peer(A, 0.0), 0.0)
+    assert await s.peer_counts() == (2, 1)
+    await s.announce(BLOB, peer(A, 1.0, complete=True), 1.0)  # A completed BLOB
+    assert await s.peer_counts() == (1, 2)
+    await s.announce(Digest.of_bytes(b"third"), peer(C, 2.0), 2.0)  # OTHER is evicted
+    assert await s.peer_counts() == (1, 2)
+    await s.sweep(40.0)
+    assert await s.peer_counts() == (0, 0)
+
+
+async def test_re_announces_do_not_grow_the_expiry_heap_without_bound() -> None:
+    s = store(peer_ttl=30.0)
+    for second in range(2_000):  # one downloader announcing every second for half an hour
+        await s.announce(BLOB, peer(A, float(second)), float(second))
+    assert len(s._blobs[BLOB].expiry) <= 4 * 1 + 64 + 1
+    assert [p.peer_id for p in await s.peers(BLOB, 2_000.0)] == [A]
+
+
 async def test_swarm_size_counts_the_live_peers_of_one_blob() -> None:
     s = store(peer_ttl=30.0)
     assert await s.swarm_size(BLOB, 0.0) == 0
