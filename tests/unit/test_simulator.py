@@ -760,3 +760,38 @@ def test_downloaders_announce_at_the_tracker_s_pace_and_still_rotate_every_secon
     every_second, paced = run(500), run(8)
     assert paced["handouts"] < every_second["handouts"] / 2
     assert paced["rotated"] > 0.8 * every_second["rotated"] > 0
+
+
+def test_a_tracker_that_takes_time_per_start_answers_the_nodes_in_turn() -> None:
+    """--tracker-start-cost: one tracker serves the start calls in the order asked (docs/
+    tracker.md, "A rollout's start"), so the k-th node to ask goes on at k x the cost and
+    finishes no sooner than that plus F/d."""
+    cost, blob, rate = 0.1, 4 * MiB, 10 * MiB
+
+    def run(start_cost: float) -> list[float]:
+        cfg = SimConfig(
+            nodes=20,
+            blob_size=blob,
+            node_upload=rate,
+            node_download=rate,
+            origin_upload=rate,
+            seed=1,
+            tracker_start_cost=start_cost,
+        )
+        times = simulate(cfg).completion_s
+        assert all(t is not None for t in times)
+        return [t for t in times if t is not None]
+
+    at_once, queued = run(0.0), run(cost)
+    for k, finished in enumerate(queued, start=1):  # all ask at t = 0, in node order
+        assert finished >= k * cost + blob / rate - 1e-9
+    assert max(queued) >= 20 * cost + blob / rate > max(at_once)
+    with pytest.raises(sim.ConfigError, match="tracker-start-cost"):
+        SimConfig(
+            nodes=2,
+            blob_size=1,
+            node_upload=1,
+            node_download=1,
+            origin_upload=1,
+            tracker_start_cost=-1.0,
+        ).validate()
