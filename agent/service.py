@@ -128,6 +128,7 @@ async def run_agent(
                     nursery.start_soon(incoming.run)
                     identity = PeerIdentity(peer_id, secret, upload, download, incoming)
                     tracker = TrackerClient(tracker_urls, peer_id, secret, discovery=mdns)
+                    nursery.start_soon(tracker.keep_sessions)
                     directory = None
                     if mdns:
                         directory = PeerDirectory(identity, f"{config.peer_host}:{peer_port}")

@@ -104,6 +104,7 @@ class StormResult:
     blob from the origin."""
 
     peers: int
+    warm_sessions: bool  # sessions open before the storm: the last three calls only
     deadline_s: float
     through: int  # agents whose every start call was answered within the deadline
     gave_up: int  # agents that would have gone to the origin
@@ -113,11 +114,11 @@ class StormResult:
     tracker_cpu_s: float
 
     def report(self) -> str:
-        calls = len(START_CALLS)
+        calls = START_CALLS[2:] if self.warm_sessions else START_CALLS
         return "\n".join(
             [
-                f"storm     {self.peers} agents start at once, {calls} tracker calls each "
-                f"({', '.join(START_CALLS)}), each within {self.deadline_s:g} s",
+                f"storm     {self.peers} agents start at once, {len(calls)} tracker calls each "
+                f"({', '.join(calls)}), each within {self.deadline_s:g} s",
                 f"through   {self.through} ({100 * self.through / self.peers:.1f}%), the last "
                 f"at {self.all_through_s:.1f} s; start p50 {self.start_p50_s:.2f} s, p99 "
                 f"{self.start_p99_s:.2f} s",
@@ -274,14 +275,18 @@ class _Call:
         return payload
 
 
-async def start_calls(call: Caller, secret: bytes, peer_id: bytes, index: int) -> bytes:
+async def start_calls(
+    call: Caller, secret: bytes, peer_id: bytes, index: int, token: bytes | None = None
+) -> bytes:
     """What an agent asks the tracker when a pull starts (agent/swarm_coordinator.py), in
-    START_CALLS' order; its session token."""
-    answer = await call("POST", "/v1/auth/challenge", {"peer_id": peer_id})
-    nonce_t, nonce_c = answer["nonce_t"], secrets.token_bytes(32)
-    mac_c = client_mac(secret, peer_id, nonce_t, nonce_c)
-    session = {"peer_id": peer_id, "nonce_t": nonce_t, "nonce_c": nonce_c, "mac_c": mac_c}
-    token: bytes = (await call("POST", "/v1/auth/session", session))["token"]
+    START_CALLS' order (with a session ``token`` already, the last three); its token."""
+    if token is None:
+        answer = await call("POST", "/v1/auth/challenge", {"peer_id": peer_id})
+        nonce_t, nonce_c = answer["nonce_t"], secrets.token_bytes(32)
+        mac_c = client_mac(secret, peer_id, nonce_t, nonce_c)
+        session = {"peer_id": peer_id, "nonce_t": nonce_t, "nonce_c": nonce_c, "mac_c": mac_c}
+        token = (await call("POST", "/v1/auth/session", session))["token"]
+    assert token is not None
     await call("GET", f"/v1/metainfo/{DIGEST}", None, token)
     await call("POST", "/v1/lease", {"digest": DIGEST, "peer_id": peer_id}, token)
     addr = f"10.9.{index >> 8 & 255}.{index & 255}:7000"
@@ -305,7 +310,11 @@ async def publish(port: int, secret: bytes, peer_id: bytes) -> None:
 
 
 async def storm(
-    port: int, secret: bytes, peer_ids: Sequence[bytes], deadline: float
+    port: int,
+    secret: bytes,
+    peer_ids: Sequence[bytes],
+    deadline: float,
+    tokens: Sequence[bytes | None],
 ) -> list[float | None]:
     """Every agent's start calls at once; per agent, the seconds until it was through (None:
     its connect or a call missed the deadline, as tracker/client.py times them)."""
@@ -321,7 +330,7 @@ async def storm(
         async with stream:
             call = _Call(stream, port, deadline)
             try:
-                await start_calls(call, secret, peer_ids[index], index + 1)
+                await start_calls(call, secret, peer_ids[index], index + 1, tokens[index])
             except trio.TooSlowError:
                 return
         through[index] = trio.current_time() - start
@@ -332,18 +341,24 @@ async def storm(
     return through
 
 
-def run_storm(peers: int, deadline: float, work: Path) -> StormResult:
+def run_storm(peers: int, deadline: float, warm: bool, work: Path) -> StormResult:
     with started_tracker(work) as (port, pid, secret):
         rng = random.Random(2)
         trio.run(publish, port, secret, rng.randbytes(16))
         peer_ids = [rng.randbytes(16) for _ in range(peers)]
+        tokens: list[bytes | None] = [None] * peers
+        if warm:
+            print(f"opening {peers} sessions first ...", file=sys.stderr)
+            url = f"http://127.0.0.1:{port}"
+            tokens = list(trio.run(open_sessions, url, secret, peer_ids))
         print(f"{peers} agents start at once ...", file=sys.stderr)
         cpu_before = process_cpu_seconds(pid)
-        times = trio.run(storm, port, secret, peer_ids, deadline)
+        times = trio.run(storm, port, secret, peer_ids, deadline, tokens)
         cpu = process_cpu_seconds(pid) - cpu_before
     done = sorted(t for t in times if t is not None)
     return StormResult(
         peers=peers,
+        warm_sessions=warm,
         deadline_s=deadline,
         through=len(done),
         gave_up=peers - len(done),
@@ -429,6 +444,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--deadline", default=f"{DEFAULT_TIMEOUT:g}s", help="a tracker call's deadline (5s)"
     )
+    parser.add_argument(
+        "--warm-sessions",
+        action="store_true",
+        help="--storm: the agents hold a session already (opened before the storm)",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     result: Result | StormResult
@@ -444,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"--storm: at most {MAX_STORM} peers (a connection each)")
         with tempfile.TemporaryDirectory(prefix="p2preg-bench-tracker-") as work:
             if args.storm:
-                result = run_storm(args.peers, deadline, Path(work))
+                result = run_storm(args.peers, deadline, args.warm_sessions, Path(work))
             else:
                 result = run(args.peers, args.announces, args.connections, interval, Path(work))
     except ConfigError as exc:

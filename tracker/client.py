@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import random
 import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -73,6 +75,10 @@ MAX_INTERVAL = 3600.0
 DOWN_FOR = 10.0
 # Re-authenticate this long before the tracker would expire our token.
 TOKEN_MARGIN = 30.0
+# keep_sessions: the first session within this long of the agent's start, then never more
+# often than every MIN_SESSION_CHECK seconds.
+FIRST_SESSION_WITHIN = 5.0
+MIN_SESSION_CHECK = 0.5
 
 T = TypeVar("T")
 
@@ -185,6 +191,7 @@ class TrackerClient:
         self.answer_timeout = answer_timeout  # for its answer, once sent
         self._down_for = down_for
         self._random_bytes = random_bytes
+        self._rng = random.Random()  # when keep_sessions renews
         self._http = httpx.AsyncClient(
             trust_env=False,
             timeout=httpx.Timeout(timeout, read=answer_timeout),
@@ -445,6 +452,32 @@ class TrackerClient:
                 raise _Failover(f"expected a msgpack body, got {content_type or 'none'}")
             return status, None
         return status, _decode(bytes(data))
+
+    async def keep_sessions(self, first_within: float = FIRST_SESSION_WITHIN) -> None:
+        """Keep a session open with every tracker in use, renewed before it runs out, so that
+        a pull starts without a handshake's two calls: 28% of the tracker's CPU per agent's
+        start when 10,000 start at once (2.33 instead of 3.24 ms, bench_tracker --storm
+        --warm-sessions; docs/tracker.md). Each renewal comes at a random point of the second
+        half of the session's life, and the first within ``first_within`` seconds of the
+        agent's start, so a fleet started together does not come back together. Runs until
+        cancelled; a tracker that fails is tried again at the next round."""
+        await trio.sleep(self._rng.uniform(0, first_within))
+        while True:
+            failed = False
+            for url in list(self.urls):
+                try:
+                    await self._token(url)
+                except (_Failover, TrackerAuthError) as exc:
+                    failed = True
+                    log.debug("could not renew the session with %s: %s", url, exc)
+            now = trio.current_time()
+            wait = min(
+                (until - now for url, (_, until) in self._tokens.items() if url in self.urls),
+                default=math.inf,
+            ) * self._rng.uniform(0.5, 1.0)
+            if failed or wait == math.inf:  # (a tracker down, or none known yet)
+                wait = min(wait, self._down_for * self._rng.uniform(0.5, 1.5))
+            await trio.sleep(max(MIN_SESSION_CHECK, wait))
 
     async def _token(self, url: str, stale: bytes | None = None) -> bytes:
         """A valid session token for ``url``; a new one if the cached one is ``stale``."""
