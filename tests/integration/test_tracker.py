@@ -571,14 +571,8 @@ async def test_malformed_requests_get_400_and_the_tracker_keeps_serving(
     assert status == 200 and [p["addr"] for p in answer["peers"]] == ["10.0.0.2:7000"]
 
 
-async def test_sessions_are_kept_open_so_a_pull_starts_without_a_handshake(
-    start_tracker, clients, nursery: trio.Nursery
-) -> None:
-    """TrackerClient.keep_sessions renews the session in the second half of its life, so the
-    calls of a pull need no challenge and session first (docs/tracker.md, "A rollout's
-    start": 28% of the tracker's CPU per start)."""
-    tracker = await start_tracker(session_ttl=2.0)  # the client renews within 0.5-1 s
-    client = clients(tracker.url)
+def _counted_handshakes(client: TrackerClient) -> list[str]:
+    """The trackers ``client`` opens a session with from now on, one entry per handshake."""
     handshakes: list[str] = []
     authenticate = client._authenticate
 
@@ -587,6 +581,18 @@ async def test_sessions_are_kept_open_so_a_pull_starts_without_a_handshake(
         return await authenticate(url)
 
     client._authenticate = counted  # type: ignore[method-assign]
+    return handshakes
+
+
+async def test_sessions_are_kept_open_so_a_pull_starts_without_a_handshake(
+    start_tracker, clients, nursery: trio.Nursery
+) -> None:
+    """TrackerClient.keep_sessions renews the session in the second half of its life, so the
+    calls of a pull need no challenge and session first (docs/tracker.md, "A rollout's
+    start": 28% of the tracker's CPU per start)."""
+    tracker = await start_tracker(session_ttl=2.0)  # the client renews within 0.5-1 s
+    client = clients(tracker.url)
+    handshakes = _counted_handshakes(client)
     nursery.start_soon(functools.partial(client.keep_sessions, first_within=0.0))
     await trio.sleep(3.0)
     assert 3 <= len(handshakes) <= 8  # renewed, not hammered
@@ -599,14 +605,7 @@ async def test_keeping_sessions_with_a_tracker_that_is_down_retries_slowly(
     clients, nursery: trio.Nursery
 ) -> None:
     client = clients("http://127.0.0.1:9", down_for=1.0, timeout=0.5)  # nothing listens
-    attempts: list[str] = []
-    authenticate = client._authenticate
-
-    async def counted(url: str) -> tuple[bytes, float]:
-        attempts.append(url)
-        return await authenticate(url)
-
-    client._authenticate = counted  # type: ignore[method-assign]
+    attempts = _counted_handshakes(client)
     nursery.start_soon(functools.partial(client.keep_sessions, first_within=0.0))
     await trio.sleep(2.0)
     assert 1 <= len(attempts) <= 4  # every 0.5-1.5 s, not in a loop
