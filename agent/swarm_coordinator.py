@@ -27,7 +27,6 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import trio
 
@@ -50,18 +49,6 @@ PUBLISH_INTERVAL = 0.2
 METAINFO_POLL = 0.1
 # Stored blobs are looked at this often for a re-announce due (SwarmCoordinator.seed_forever).
 SEED_ROUND = 10.0
-# Peers are rotated (where the swarm's size calls for it) once a second, from the tracker's
-# last answer, however often the tracker asks us to announce (p2preg/announce_pacing.py).
-ROTATION_INTERVAL = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class _Answer:
-    """What a downloader keeps of a tracker answer: the peers handed out (less itself and the
-    banned) and how often to announce."""
-
-    handout: list[str]
-    pace: float
 
 
 class SwarmCoordinator:
@@ -283,8 +270,7 @@ class SwarmCoordinator:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(swarm.run)
             last_progress_at, last_available = trio.current_time(), -1
-            next_announce = next_rotation = 0.0
-            handout: list[str] = []
+            next_announce = 0.0
             while len(assembly.pieces) < metainfo.num_pieces:
                 now = trio.current_time()
                 if now >= next_announce and holders is None:
@@ -293,17 +279,9 @@ class SwarmCoordinator:
                     # unless it tracks more peers than it answers that often).
                     has_peers = bool(swarm.peers)
                     next_announce = now + (ANNOUNCE_INTERVAL if has_peers else METAINFO_POLL * 2)
-                    answer = await self._refresh(download, swarm)
-                    if answer is not None:
-                        handout = answer.handout
-                        if has_peers:
-                            next_announce = now + max(ANNOUNCE_INTERVAL, answer.pace)
-                        next_rotation = now  # rotate on each answer, as before pacing
-                if now >= next_rotation and holders is None:
-                    # Once a second from the last answer, whatever the pace: pacing the
-                    # announces must not slow the rotation (p2preg/announce_pacing.py).
-                    next_rotation = now + ROTATION_INTERVAL
-                    await swarm.rotate(handout)
+                    pace = await self._refresh(download, swarm)
+                    if pace is not None and has_peers:
+                        next_announce = now + max(ANNOUNCE_INTERVAL, pace)
                 progress = len(assembly.pieces) * metainfo.piece_length + assembly.available
                 if progress != last_available:
                     last_available, last_progress_at = progress, now
@@ -371,9 +349,10 @@ class SwarmCoordinator:
 
         nursery.start_soon(fetch)
 
-    async def _refresh(self, download: Download, swarm: Swarm) -> _Answer | None:
-        """Announce progress (getting peers back) and learn newly published piece hashes. The
-        tracker's answer (None: no tracker answered)."""
+    async def _refresh(self, download: Download, swarm: Swarm) -> float | None:
+        """Announce progress (getting peers back, rotating one in where the swarm's size
+        calls for it) and learn newly published piece hashes. The tracker's pace (None: no
+        tracker answered)."""
         assembly = download.assembly
         assert assembly is not None
         try:
@@ -385,6 +364,11 @@ class SwarmCoordinator:
                 if p.peer_id != self._identity.peer_id and p.peer_id not in self.banned
             ]
             swarm.add_addresses(handout)
+            # At the answer only, not from an older one between paced answers: the peers it
+            # lists first are the least handed out now, and the nodes that rotated to an
+            # answer 10 s old piled onto peers many others had been sent to since (simulated:
+            # p99 1.39x against 1.33x; docs/simulator.md, finding 14).
+            await swarm.rotate(handout)
             # (Only when hashes hold us up: peers send theirs when asked, and a tracker call
             # costs the agent 1.2-1.4 ms of CPU, measured.)
             if not assembly.metainfo.complete and (not swarm.peers or swarm.lacks_hashes()):
@@ -394,7 +378,7 @@ class SwarmCoordinator:
         except TrackerUnavailable as exc:
             log.info("tracker unavailable while downloading %s: %s", download.digest, exc)
             return None
-        return _Answer(handout, ANNOUNCE_INTERVAL if result.pace is None else result.pace)
+        return ANNOUNCE_INTERVAL if result.pace is None else result.pace
 
     async def _wait_for_metainfo(
         self, digest: Digest, metainfo: MetaInfo | None

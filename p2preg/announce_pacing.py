@@ -18,9 +18,11 @@ and bursts. At 10,000 peers and the default 30 s TTL the ceiling binds (10 s): a
 announces a second, the tracker's whole core; a fleet that size wants a longer --peer-ttl or
 more trackers (its blobs spread over them; docs/operations.md).
 
-Agents rotate peers once a second from the tracker's last answer, whatever the pace (agent/
-swarm_coordinator.py; the simulator does the same with this function), so pacing the announces
-does not slow the rotation.
+Agents rotate a peer at each answer, as before (agent/swarm_coordinator.py; the simulator does
+the same with this function), so at a slower pace they rotate less often. Rotating every second
+from the last answer instead was tried in the simulator and made the tail longer: the peers an
+answer lists first are the least handed out when it is made, and 10 s later many others have
+been sent to them (docs/simulator.md, finding 14).
 
 Seeders re-announce every blob they hold so that peers keep finding them, a load that grows
 with nodes x blobs, not with the rollout: 1,000 nodes holding 100 layers each, at the fixed 10 s

@@ -1715,8 +1715,8 @@ class Simulator:
     def _sweep(self, now: float) -> None:
         """Every second: downloading nodes due to announce (at the tracker's pace,
         p2preg.announce_pacing) announce their progress, and the swarming ones rotate a peer
-        from the last answer; the tracker forgets peers that stopped announcing PEER_TTL ago;
-        a stalled node may take the lease."""
+        at the answer; the tracker forgets peers that stopped announcing PEER_TTL ago; a
+        stalled node may take the lease."""
         others = len(self.tiers) - 1  # an announce's swarm count, less the announcer
         downloading = sum(1 for n in self.nodes if n.record is not None and not n.record.complete)
         pace = downloader_interval(downloading, self.cfg.announce_budget, PEER_TTL / 3)
@@ -1735,8 +1735,8 @@ class Simulator:
                         self._announce(node, now, handout=True)
                     else:
                         self._size_for_swarm(node, others, now)
-                if node.done_at is None and node.swarming:
-                    self._rotate(node, now)
+                    if node.swarming:
+                        self._rotate(node, now)
             elif record is not None and node.died_at is not None and now - node.died_at >= PEER_TTL:
                 self.tiers.remove(node.peer_id)
                 node.record = None
