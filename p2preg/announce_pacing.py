@@ -6,13 +6,13 @@ first (rendezvous hashing, docs/tracker.md), and an announce costs that tracker 
 CPU with 10,000 peers in the blob's swarm (`python -m simulations.bench_tracker`: 1.04 ms, 960
 announces a second on one core; the handout's sampling and ranking are half of it, HTTP the
 rest). At one announce a second per downloader, a rollout to 10,000 nodes asks 10,000 a second
-of it: ten times what it can answer. Its answers then come later than the client's 5 s
-deadline, the client marks it down and the agents fall back to the origin.
+of it: ten times what it can answer, so every answer would wait for the backlog.
 
 So the tracker tells each downloader how often to announce (``pace`` in the announce answer):
-once a second while the peers it tracks, announcing that often, stay within ANNOUNCE_BUDGET
-announces a second, else slower in proportion, but never slower than the seeders' interval (a
-third of the peer TTL), so a paced downloader is never dropped as stale. The budget is half of
+once a second while the downloading records it tracks, announcing that often, stay within
+ANNOUNCE_BUDGET announces a second, else slower in proportion, but never slower than the
+seeders' shortest interval (a third of the peer TTL), so a paced downloader is never dropped
+as stale. The budget is half of
 one core at the measured cost, leaving the other half for metainfo, leases, session renewals
 and bursts. At 10,000 peers and the default 30 s TTL the ceiling binds (10 s): about 1,000
 announces a second, the tracker's whole core; a fleet that size wants a longer --peer-ttl or
@@ -48,12 +48,13 @@ RECORD_LIFETIMES = 3
 
 
 def downloader_interval(
-    live_peers: int, budget: float = ANNOUNCE_BUDGET, ceiling: float = 10.0
+    downloading: int, budget: float = ANNOUNCE_BUDGET, ceiling: float = 10.0
 ) -> float:
-    """The interval, in seconds, at which a tracker tracking ``live_peers`` peers (all blobs)
-    asks a downloader to announce: ANNOUNCE_INTERVAL while ``live_peers`` announces a second fit
-    in ``budget``, else ``live_peers / budget``, at most ``ceiling`` (the seeders' interval)."""
-    return min(max(ceiling, ANNOUNCE_INTERVAL), max(ANNOUNCE_INTERVAL, live_peers / budget))
+    """The interval, in seconds, at which a tracker holding ``downloading`` records of
+    downloaders (all blobs) asks a downloader to announce: ANNOUNCE_INTERVAL while that many
+    announces a second fit in ``budget``, else ``downloading / budget``, at most ``ceiling``
+    (a third of the peer TTL)."""
+    return min(max(ceiling, ANNOUNCE_INTERVAL), max(ANNOUNCE_INTERVAL, downloading / budget))
 
 
 def seeder_interval(seeders: int, budget: float = ANNOUNCE_BUDGET, floor: float = 10.0) -> float:
