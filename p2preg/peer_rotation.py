@@ -1,4 +1,4 @@
-"""Rotating a download peer a second (more than 16 others): which peer to drop, which to dial.
+"""Rotating a download peer at each tracker answer (more than 16 others): which to drop and dial.
 
 Peers are chosen by the tracker's handouts, and an agent dials them only while it has fewer
 than its download-peer limit. So how many agents download from a node (its in-degree) is fixed
@@ -11,8 +11,8 @@ dialled by fewer than 24 peers and used 7-51% of theirs. That was nearly all the
 swarm left unused (11%), and so most of the gap to the lower bound after the start.
 
 So, in swarms of more than p2preg.swarm_limits.LARGE_SWARM_PEERS others, at every tracker
-answer (about one a second) an agent that downloads from as many peers as its limit drops one
-and dials one from the answer:
+answer (one a second, or at the tracker's pace: p2preg/announce_pacing.py) an agent that
+downloads from as many peers as its limit drops one and dials one from the answer:
 
 - out: the peer where most of our requests starved (withdrawn after waiting for an upload slot,
   p2preg.upload_order.HEAD_PATIENCE) since the last rotation, if any did; among equals the one
