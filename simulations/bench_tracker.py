@@ -2,12 +2,14 @@
 
     python -m simulations.bench_tracker [--peers 10000] [--announces 20000]
         [--connections 64] [--interval 1s] [--json FILE]
+    python -m simulations.bench_tracker --storm [--peers 10000] [--deadline 30s]
+        [--warm-sessions] [--json FILE]
 
-Why: every downloading agent announces once per interval (1 s by default, agent/
-swarm_coordinator.py ANNOUNCE_INTERVAL) and every announce of a blob goes to the one tracker
-its digest ranks first (rendezvous hashing, docs/tracker.md), so a rollout of N nodes sends
-N / interval announces a second to one tracker process. The simulator answers every one of
-them at once; this measures what the real tracker can do.
+Why: a downloading agent announced once a second (now at the pace the tracker sets,
+p2preg/announce_pacing.py, which these figures chose) and every announce of a blob goes to the
+one tracker its digest ranks first (rendezvous hashing, docs/tracker.md), so a rollout of N
+nodes sends N / interval announces a second to one tracker process. The simulator answers
+every one of them at once; this measures what the real tracker can do.
 
 It starts the real tracker (``p2preg tracker``) on 127.0.0.1, opens a session for each of
 ``--peers`` peer ids (the cluster-secret handshake), announces each once so the blob's swarm
@@ -17,6 +19,10 @@ The requests are built beforehand and the answers read with a minimal HTTP/1.1 r
 load generator costs far less than the tracker it drives. It reports the tracker process's CPU
 per announce (user + system, from /proc), its throughput and the answers' latency, and side by
 side: the announces a second one tracker core can answer against the rollout's demand.
+
+``--storm`` instead starts ``--peers`` agents at once, each making the tracker calls of a
+pull's start (StormResult), and reports how many got through within the client's deadline and
+how many would have gone to the origin.
 """
 
 from __future__ import annotations
