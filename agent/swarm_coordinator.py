@@ -195,7 +195,7 @@ class SwarmCoordinator:
                         last_announce = now
                         pieces = len(assembly.pieces)
                         result = await self._announce(download.digest, assembly.metainfo, pieces)
-                        pace = max(ANNOUNCE_INTERVAL, result.pace or ANNOUNCE_INTERVAL)
+                        pace = result.downloading_interval
                     # Renew at a third of the lease, so one lost renewal never lets it lapse.
                     if now - last_renew >= max(0.2, lease_seconds / 3):
                         last_renew = now
@@ -281,7 +281,7 @@ class SwarmCoordinator:
                     next_announce = now + (ANNOUNCE_INTERVAL if has_peers else METAINFO_POLL * 2)
                     pace = await self._refresh(download, swarm)
                     if pace is not None and has_peers:
-                        next_announce = now + max(ANNOUNCE_INTERVAL, pace)
+                        next_announce = now + pace
                 progress = len(assembly.pieces) * metainfo.piece_length + assembly.available
                 if progress != last_available:
                     last_available, last_progress_at = progress, now
@@ -351,8 +351,8 @@ class SwarmCoordinator:
 
     async def _refresh(self, download: Download, swarm: Swarm) -> float | None:
         """Announce progress (getting peers back, rotating one in where the swarm's size
-        calls for it) and learn newly published piece hashes. The tracker's pace (None: no
-        tracker answered)."""
+        calls for it) and learn newly published piece hashes. Seconds until the next announce,
+        at the tracker's pace (None: no tracker answered)."""
         assembly = download.assembly
         assert assembly is not None
         try:
@@ -378,7 +378,7 @@ class SwarmCoordinator:
         except TrackerUnavailable as exc:
             log.info("tracker unavailable while downloading %s: %s", download.digest, exc)
             return None
-        return ANNOUNCE_INTERVAL if result.pace is None else result.pace
+        return result.downloading_interval
 
     async def _wait_for_metainfo(
         self, digest: Digest, metainfo: MetaInfo | None

@@ -32,10 +32,8 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import random
 import secrets
-import statistics
 import sys
 import tempfile
 import time
@@ -44,7 +42,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import msgpack  # type: ignore[import-untyped]
 import trio
 
@@ -54,6 +51,8 @@ from p2preg.errors import ConfigError
 from p2preg.metainfo import MetaInfo
 from p2preg.units import parse_duration
 from simulations.bench_registry import free_port, wait_ready
+from simulations.bench_swarm import process_cpu_seconds
+from simulations.emulator import percentile
 from simulations.netns import Child
 from tracker.client import DEFAULT_TIMEOUT
 
@@ -138,45 +137,22 @@ class StormResult:
 START_CALLS = ("challenge", "session", "metainfo", "lease", "announce")
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` so far (/proc/PID/stat fields 14 and 15)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-async def open_sessions(url: str, secret: bytes, peer_ids: Sequence[bytes]) -> list[bytes]:
-    """A session token per peer id, by the tracker's challenge / session handshake."""
+async def open_sessions(port: int, secret: bytes, peer_ids: Sequence[bytes]) -> list[bytes]:
+    """A session token per peer id (the handshake of ``handshake``), over SETUP_CONCURRENCY
+    connections."""
     tokens: list[bytes] = [b""] * len(peer_ids)
-    limit = trio.Semaphore(SETUP_CONCURRENCY)
-    pack = msgpack.packb
-    headers = {"Content-Type": MSGPACK, "Accept": MSGPACK}
+    indexes = iter(range(len(peer_ids)))
 
-    async def one(client: httpx.AsyncClient, index: int) -> None:
-        peer_id = peer_ids[index]
-        async with limit:
-            answer = await client.post(
-                f"{url}/v1/auth/challenge", content=pack({"peer_id": peer_id}), headers=headers
-            )
-            nonce_t = msgpack.unpackb(answer.content)["nonce_t"]
-            nonce_c = secrets.token_bytes(len(nonce_t))
-            body = {
-                "peer_id": peer_id,
-                "nonce_t": nonce_t,
-                "nonce_c": nonce_c,
-                "mac_c": client_mac(secret, peer_id, nonce_t, nonce_c),
-            }
-            answer = await client.post(
-                f"{url}/v1/auth/session", content=pack(body), headers=headers
-            )
-            if answer.status_code != 200:
-                raise ConfigError(f"session refused: {answer.status_code} {answer.content!r}")
-            tokens[index] = msgpack.unpackb(answer.content)["token"]
+    async def worker() -> None:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            call = _Call(stream, port)
+            for index in indexes:
+                tokens[index] = await handshake(call, secret, peer_ids[index])
 
-    limits = httpx.Limits(max_connections=SETUP_CONCURRENCY)
-    client = httpx.AsyncClient(trust_env=False, limits=limits, timeout=30)
-    async with client, trio.open_nursery() as nursery:
-        for index in range(len(peer_ids)):
-            nursery.start_soon(one, client, index)
+    async with trio.open_nursery() as nursery:
+        for _ in range(SETUP_CONCURRENCY):
+            nursery.start_soon(worker)
     return tokens
 
 
@@ -281,18 +257,23 @@ class _Call:
         return payload
 
 
+async def handshake(call: Caller, secret: bytes, peer_id: bytes) -> bytes:
+    """A session token for ``peer_id``: the challenge and the session (docs/tracker.md)."""
+    answer = await call("POST", "/v1/auth/challenge", {"peer_id": peer_id})
+    nonce_t, nonce_c = answer["nonce_t"], secrets.token_bytes(32)
+    mac_c = client_mac(secret, peer_id, nonce_t, nonce_c)
+    session = {"peer_id": peer_id, "nonce_t": nonce_t, "nonce_c": nonce_c, "mac_c": mac_c}
+    token: bytes = (await call("POST", "/v1/auth/session", session))["token"]
+    return token
+
+
 async def start_calls(
     call: Caller, secret: bytes, peer_id: bytes, index: int, token: bytes | None = None
 ) -> bytes:
     """What an agent asks the tracker when a pull starts (agent/swarm_coordinator.py), in
     START_CALLS' order (with a session ``token`` already, the last three); its token."""
     if token is None:
-        answer = await call("POST", "/v1/auth/challenge", {"peer_id": peer_id})
-        nonce_t, nonce_c = answer["nonce_t"], secrets.token_bytes(32)
-        mac_c = client_mac(secret, peer_id, nonce_t, nonce_c)
-        session = {"peer_id": peer_id, "nonce_t": nonce_t, "nonce_c": nonce_c, "mac_c": mac_c}
-        token = (await call("POST", "/v1/auth/session", session))["token"]
-    assert token is not None
+        token = await handshake(call, secret, peer_id)
     await call("GET", f"/v1/metainfo/{DIGEST}", None, token)
     await call("POST", "/v1/lease", {"digest": DIGEST, "peer_id": peer_id}, token)
     addr = f"10.9.{index >> 8 & 255}.{index & 255}:7000"
@@ -355,8 +336,7 @@ def run_storm(peers: int, deadline: float, warm: bool, work: Path) -> StormResul
         tokens: list[bytes | None] = [None] * peers
         if warm:
             print(f"opening {peers} sessions first ...", file=sys.stderr)
-            url = f"http://127.0.0.1:{port}"
-            tokens = list(trio.run(open_sessions, url, secret, peer_ids))
+            tokens = list(trio.run(open_sessions, port, secret, peer_ids))
         print(f"{peers} agents start at once ...", file=sys.stderr)
         cpu_before = process_cpu_seconds(pid)
         times = trio.run(storm, port, secret, peer_ids, deadline, tokens)
@@ -369,8 +349,8 @@ def run_storm(peers: int, deadline: float, warm: bool, work: Path) -> StormResul
         through=len(done),
         gave_up=peers - len(done),
         all_through_s=done[-1] if done else math.nan,
-        start_p50_s=statistics.median(done) if done else math.nan,
-        start_p99_s=done[int(0.99 * (len(done) - 1))] if done else math.nan,
+        start_p50_s=percentile(done, 50),
+        start_p99_s=percentile(done, 99),
         tracker_cpu_s=cpu,
     )
 
@@ -396,11 +376,10 @@ def started_tracker(work: Path) -> Iterator[tuple[int, int, bytes]]:
 
 def run(peers: int, announces: int, connections: int, interval: float, work: Path) -> Result:
     with started_tracker(work) as (port, pid, secret):
-        url = f"http://127.0.0.1:{port}"
         rng = random.Random(1)
         peer_ids = [rng.randbytes(16) for _ in range(peers)]
         print(f"opening {peers} sessions ...", file=sys.stderr)
-        tokens = trio.run(open_sessions, url, secret, peer_ids)
+        tokens = trio.run(open_sessions, port, secret, peer_ids)
         warm = [
             announce_request(port, peer, token, i, 0)
             for i, (peer, token) in enumerate(zip(peer_ids, tokens, strict=True))
@@ -418,7 +397,6 @@ def run(peers: int, announces: int, connections: int, interval: float, work: Pat
         latencies = trio.run(drive, port, measured, connections)
         seconds = time.perf_counter() - start
         cpu = process_cpu_seconds(pid) - cpu_before
-    latencies.sort()
     per_announce_ms = 1000 * cpu / announces
     return Result(
         peers=peers,
@@ -428,8 +406,8 @@ def run(peers: int, announces: int, connections: int, interval: float, work: Pat
         tracker_cpu_s=cpu,
         cpu_ms_per_announce=per_announce_ms,
         announces_per_s=announces / seconds,
-        latency_p50_ms=1000 * statistics.median(latencies),
-        latency_p99_ms=1000 * latencies[int(0.99 * (len(latencies) - 1))],
+        latency_p50_ms=1000 * percentile(latencies, 50),
+        latency_p99_ms=1000 * percentile(latencies, 99),
         interval_s=interval,
         demand_per_s=peers / interval,
         capacity_per_core=1000 / per_announce_ms if per_announce_ms > 0 else float("inf"),

@@ -37,6 +37,7 @@ import httpx
 import msgpack  # type: ignore[import-untyped]
 import trio
 
+from p2preg.announce_pacing import ANNOUNCE_INTERVAL
 from p2preg.cluster_auth import (
     NONCE_BYTES,
     PEER_ID_BYTES,
@@ -94,8 +95,14 @@ class AnnounceResult:
     # older tracker that does not say; ``peers`` is then the best estimate).
     swarm: int | None = None
     # How often to announce while downloading (p2preg/announce_pacing.py); None: an older
-    # tracker that does not pace, so every ANNOUNCE_INTERVAL.
+    # tracker that does not pace.
     pace: float | None = None
+
+    @property
+    def downloading_interval(self) -> float:
+        """Seconds until a downloader announces again: the tracker's pace, never more often
+        than ANNOUNCE_INTERVAL (an older tracker's answer: ANNOUNCE_INTERVAL)."""
+        return max(ANNOUNCE_INTERVAL, self.pace or ANNOUNCE_INTERVAL)
 
 
 @dataclass(frozen=True, slots=True)
