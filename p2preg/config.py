@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from p2preg.announce_pacing import downloader_interval, seeder_interval
+from p2preg.announce_pacing import seeder_interval
 from p2preg.cluster_auth import parse_cluster_secret
 from p2preg.errors import ConfigError
 from p2preg.metainfo import MAX_PIECE_LENGTH, MIN_PIECE_LENGTH
@@ -370,11 +370,6 @@ class TrackerConfig:
     def announce_interval(self) -> float:
         """What the tracker tells peers: announce again well before the TTL runs out."""
         return max(1.0, self.peer_ttl / 3)
-
-    def downloader_interval(self, downloading: int) -> float:
-        """What the tracker tells a downloader: announce this often (``pace``), so that the
-        ``downloading`` records it tracks stay within ``announce_budget`` announces a second."""
-        return downloader_interval(downloading, self.announce_budget, self.announce_interval)
 
     def seeder_interval(self, complete: int) -> float:
         """What the tracker tells a seeder: announce this blob again in this many seconds

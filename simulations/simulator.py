@@ -50,7 +50,7 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any, Protocol, TextIO, cast
 
-from p2preg.announce_pacing import ANNOUNCE_BUDGET, ANNOUNCE_INTERVAL, downloader_interval
+from p2preg.announce_pacing import ANNOUNCE_BUDGET, ANNOUNCE_INTERVAL, AnnounceCalendar
 from p2preg.errors import ConfigError
 from p2preg.handout import (
     HANDOUT_SAMPLE,
@@ -168,7 +168,7 @@ class SimConfig:
     # size, as the agent: p2preg.swarm_limits.rotates_peers).
     rotate_peers: bool | None = None
     # The tracker's TrackerConfig.announce_budget: announces a second it paces the downloaders
-    # to (p2preg.announce_pacing.downloader_interval).
+    # to (p2preg.announce_pacing.AnnounceCalendar).
     announce_budget: int = int(ANNOUNCE_BUDGET)
     # Seconds of the tracker's time a node's start calls take (the metainfo, the lease, an
     # announce: `python -m simulations.bench_tracker --storm --warm-sessions` measured 2.3 ms;
@@ -610,6 +610,7 @@ class Simulator:
         # tracker state: the records, bucketed as the tracker keeps them
         self.tiers = PeerTiers()
         self.load = HandoutLoad(LOAD_HALF_LIFE)
+        self.calendar = AnnounceCalendar(config.announce_budget, PEER_TTL / 3)
         self.addr = [f"node-{i}" for i in range(config.nodes)]
         self.zone_names = [f"zone-{z}" for z in range(config.zones)]
         # lease
@@ -1714,20 +1715,19 @@ class Simulator:
                 self.grant[node] = None
 
     def _sweep(self, now: float) -> None:
-        """Every second: downloading nodes due to announce (at the tracker's pace,
-        p2preg.announce_pacing) announce their progress, and the swarming ones rotate a peer
-        at the answer; the tracker forgets peers that stopped announcing PEER_TTL ago; a
-        stalled node may take the lease."""
+        """Every second: downloading nodes due to announce (at the slot the tracker's
+        calendar gave them, p2preg.announce_pacing) announce their progress, and the swarming
+        ones rotate a peer at the answer; the tracker forgets peers that stopped announcing
+        PEER_TTL ago; a stalled node may take the lease."""
         others = len(self.tiers) - 1  # an announce's swarm count, less the announcer
         downloading = sum(1 for n in self.nodes if n.record is not None and not n.record.complete)
-        pace = downloader_interval(downloading, self.cfg.announce_budget, PEER_TTL / 3)
         for node in self.nodes:
             if not node.started:
                 continue
             record = node.record
             if node.alive:
                 if node.done_at is None and now >= node.next_announce:
-                    node.next_announce = now + pace
+                    node.next_announce = now + self.calendar.pace(now, downloading)
                     if record is not None and record.pieces != len(node.have):
                         self._record(node, now)
                     if node.swarming and node.rotates and len(node.downloads) >= node.peer_limit:

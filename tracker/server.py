@@ -31,7 +31,7 @@ from urllib.parse import unquote
 import msgpack  # type: ignore[import-untyped]
 import trio
 
-from p2preg.announce_pacing import RECORD_LIFETIMES
+from p2preg.announce_pacing import RECORD_LIFETIMES, AnnounceCalendar
 from p2preg.cluster_auth import (
     NONCE_BYTES,
     PEER_ID_BYTES,
@@ -196,6 +196,8 @@ class TrackerAPI:
         self._clock = clock
         self._random_bytes = random_bytes
         self._rng = rng or random.Random(secrets.randbits(64))
+        # when each downloader is to announce again (all blobs: the budget is the tracker's)
+        self._calendar = AnnounceCalendar(config.announce_budget, config.announce_interval)
 
     async def handle(self, request: Request) -> Response:
         try:
@@ -306,12 +308,12 @@ class TrackerAPI:
             announced_at=now,
         )
         downloading, complete = await self.store.peer_counts()  # (before this announce)
-        pace = self.config.downloader_interval(downloading)
         interval = self.config.seeder_interval(complete)
+        # A seeder comes back at ``interval`` and books no announce slot.
+        pace = interval if record.complete else self._calendar.pace(now, downloading)
         # A record lives for RECORD_LIFETIMES of the interval its announcer was told (a
         # downloader's pace is at most the seeders' shortest interval: peer_ttl).
-        told = interval if record.complete else pace
-        ttl = max(self.config.peer_ttl, RECORD_LIFETIMES * told)
+        ttl = max(self.config.peer_ttl, RECORD_LIFETIMES * pace)
         await self.store.announce(digest, record, now, ttl)
         candidates = await self.store.handout_candidates(
             digest, record, self.config.max_peers, self._rng, now

@@ -240,37 +240,44 @@ async def test_the_swarm_count_goes_beyond_the_handout_limit(start_tracker, clie
 
 
 async def test_the_tracker_paces_downloaders_and_seeders_by_the_records_it_tracks(
-    start_tracker, clients
+    start_tracker, clients, mock_clock: trio.testing.MockClock
 ) -> None:
-    """p2preg/announce_pacing.py: downloaders once a second while the downloading records it
-    tracks (every blob) fit the announce budget, then slower in proportion, at most a third
-    of the peer TTL; seeders from that third up, within a quarter of the budget."""
+    """p2preg/announce_pacing.py: each downloader is told the next free announce slot (all
+    blobs), slots 1 / budget apart, a second away at least and a third of the peer TTL at
+    most; seeders from that third up, within a quarter of the budget. The clock stands
+    still, so the announces below all come at the same moment: a burst."""
     tracker = await start_tracker(announce_budget=2, peer_ttl=12.0)  # ceiling 4 s
     first = clients(tracker.url)
     answer = await first.announce(BLOB, addr="10.0.0.1:7000", complete=False, pieces=0)
-    assert answer.pace == 1.0  # 1 peer, 2 announces a second allowed
+    assert answer.pace == 1.0  # the calendar is empty: a second
+    paces = []
     for i in range(2):
         other = clients(tracker.url)
         answer = await other.announce(
             OTHER_BLOB, addr=f"10.0.0.{i + 2}:7000", complete=False, pieces=0
         )
-    assert answer.pace == 1.0  # the 2 records before it / 2 a second
+        paces.append(answer.pace)
     answer = await first.announce(BLOB, addr="10.0.0.1:7000", complete=False, pieces=1)
-    assert answer.pace == 1.5  # 3 downloading records over both blobs / 2 a second
+    paces.append(answer.pace)
+    assert paces == [1.5, 2.0, 2.5]  # the next free slots, half a second apart, both blobs
     for i in range(10):
         other = clients(tracker.url)
         answer = await other.announce(BLOB, addr=f"10.0.1.{i + 1}:7000", complete=False, pieces=0)
-    assert answer.pace == 4.0  # 12 / 2 = 6 s, but never slower than a third of the TTL
+        paces.append(answer.pace)
+    # ... up to a third of the TTL; the rest of the burst comes back at it
+    assert paces[3:6] == [3.0, 3.5, 4.0] and paces[6:] == [4.0] * 7
     assert answer.interval == 4.0
     # Seeders are paced too, to a quarter of the budget (0.5 a second here), from a third of
-    # the TTL up; a downloader's pace counts the downloading records only.
+    # the TTL up, and book no slot of the downloaders'.
     for i in range(4):
         seeder = clients(tracker.url)
         answer = await seeder.announce(
             OTHER_BLOB, addr=f"10.0.2.{i + 1}:7000", complete=True, pieces=1
         )
     assert answer.interval == 6.0  # the 3 complete records before it / 0.5 a second
-    assert answer.pace == 4.0  # 13 downloading: still the ceiling
+    mock_clock.jump(60.0)  # the calendar has room again
+    answer = await first.announce(BLOB, addr="10.0.0.1:7000", complete=False, pieces=2)
+    assert answer.pace == 1.0
 
 
 async def test_a_small_swarms_often_handed_out_leecher_gives_way(start_tracker, clients) -> None:

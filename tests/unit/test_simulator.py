@@ -742,14 +742,15 @@ def test_progress_lines_while_it_runs() -> None:
 
 def test_downloaders_announce_at_the_tracker_s_pace_and_rotate_at_its_answers() -> None:
     """p2preg.announce_pacing: a tracker tracking more peers than its budget answers once a
-    second asks downloaders to announce less often (40 peers, 16 a second: every 2.5 s); the
-    nodes rotate a peer at an answer only, as the agent does (docs/simulator.md, finding
-    14: rotating every second from an older answer made the tail longer)."""
+    second asks downloaders to announce less often (40 peers, 8 a second: every 5 s, the
+    first answers spread over those 5 s); the nodes rotate a peer at an answer only, as the
+    agent does (docs/simulator.md, finding 14: rotating every second from an older answer
+    made the tail longer)."""
 
     def run(budget: int) -> dict[str, int]:
         cfg = SimConfig(
             nodes=40,
-            blob_size=32 * MiB,
+            blob_size=128 * MiB,
             node_upload=10 * MiB,
             node_download=10 * MiB,
             origin_upload=10 * MiB,
@@ -758,7 +759,7 @@ def test_downloaders_announce_at_the_tracker_s_pace_and_rotate_at_its_answers() 
         )
         return simulate(cfg).stats
 
-    every_second, paced = run(500), run(16)
+    every_second, paced = run(500), run(8)
     assert paced["handouts"] < 0.6 * every_second["handouts"]
     assert 0 < paced["rotated"] <= paced["handouts"]
     assert paced["rotated"] < 0.6 * every_second["rotated"]

@@ -28,8 +28,7 @@ def test_defaults_and_required_values() -> None:
     assert (config.peer_ttl, config.lease_ttl, config.max_peers) == (30.0, 10.0, 50)
     assert config.announce_interval == 10.0
     assert config.announce_budget == 500
-    assert config.downloader_interval(400) == 1.0 and config.downloader_interval(2_000) == 4.0
-    assert config.downloader_interval(10_000) == 10.0  # a third of the peer TTL at most
+    assert config.seeder_interval(100) == 10.0 and config.seeder_interval(12_500) == 100.0
     assert SECRET.decode() not in repr(config)
 
 
