@@ -99,12 +99,13 @@ class SwarmCoordinator:
             await self._fetch_without_tracker(download, request, downloads)
             return
         try:
-            metainfo = await self._tracker.get_metainfo(digest)
-            # A blob the swarm already holds in full comes from its seeders. Asking for the lease
-            # first would hand every latecomer an expired lease and cost the origin a copy each;
-            # a swarm that stalls still takes the lease through the stall path.
-            seeded = metainfo is not None and metainfo.complete
-            lease = None if seeded else await self._tracker.acquire_lease(digest)
+            # The metainfo, the lease and a first announce in one call. A blob the swarm holds
+            # in full comes with no lease: it comes from the seeders (a lease would hand every
+            # latecomer an expired one and cost the origin a copy each; a swarm that stalls
+            # still takes the lease through the stall path).
+            started = await self._tracker.start_pull(
+                digest, addr=self._addr, zone=self._config.zone
+            )
         except TrackerUnavailable as exc:
             if self._directory is not None:
                 log.warning("tracker unavailable (%s); asking discovered peers for %s", exc, digest)
@@ -113,6 +114,8 @@ class SwarmCoordinator:
             log.warning("tracker unavailable (%s); fetching %s from the origin", exc, digest)
             await downloads.fetch_from_origin(download, request)
             return
+        metainfo, lease = started.metainfo, started.lease
+        self._peer_server.note_swarm_size(self._others(started.announce), digest)
         if lease is not None and lease.granted:
             # We publish this blob's metainfo: if our own copy fails its digest, report_bad
             # names us, so the tracker drops the hashes we published from bad origin bytes.
@@ -121,7 +124,9 @@ class SwarmCoordinator:
             return
         if lease is not None:
             self._publishers[digest] = lease.holder
-        await self._fetch_from_swarm(download, request, downloads, metainfo)
+        await self._fetch_from_swarm(
+            download, request, downloads, metainfo, first_answer=started.announce
+        )
 
     async def _fetch_without_tracker(
         self, download: Download, request: OriginRequest, downloads: BlobDownloads
@@ -212,9 +217,11 @@ class SwarmCoordinator:
         metainfo: MetaInfo | None,
         *,
         holders: list[str] | None = None,
+        first_answer: AnnounceResult | None = None,
     ) -> None:
         """Download from peers. ``holders``: peers found without a tracker; then nothing is
-        announced and a stalled swarm falls back to the origin without asking for a lease."""
+        announced and a stalled swarm falls back to the origin without asking for a lease.
+        ``first_answer``: the tracker's answer to the announce the pull started with."""
         digest = download.digest
         if holders is None:
             metainfo = await self._wait_for_metainfo(digest, metainfo)
@@ -241,7 +248,9 @@ class SwarmCoordinator:
         download.piece_listeners.append(swarm.local_piece)
         self._peer_server.watch_holdings(digest, swarm.pieces_of)
         try:
-            await self._run_swarm(download, request, downloads, swarm, metainfo, holders)
+            await self._run_swarm(
+                download, request, downloads, swarm, metainfo, holders, first_answer
+            )
         finally:
             self._peer_server.unwatch_holdings(digest, swarm.pieces_of)
         download.bytes_from_peers = swarm.bytes_from_peers
@@ -261,9 +270,11 @@ class SwarmCoordinator:
         swarm: Swarm,
         metainfo: MetaInfo,
         holders: list[str] | None,
+        first_answer: AnnounceResult | None = None,
     ) -> None:
-        """Run ``swarm`` until the blob is whole: announce, learn hashes, and fall back to the
-        origin when the swarm stalls."""
+        """Run ``swarm`` until the blob is whole: announce (``first_answer``: the start's,
+        taken as the first), learn hashes, and fall back to the origin when the swarm
+        stalls."""
         digest = download.digest
         assembly = swarm.assembly
         origin_started = False
@@ -279,7 +290,8 @@ class SwarmCoordinator:
                     # unless it tracks more peers than it answers that often).
                     has_peers = bool(swarm.peers)
                     next_announce = now + (ANNOUNCE_INTERVAL if has_peers else METAINFO_POLL * 2)
-                    pace = await self._refresh(download, swarm)
+                    pace = await self._refresh(download, swarm, first_answer)
+                    first_answer = None
                     if pace is not None and has_peers:
                         next_announce = now + pace
                 progress = len(assembly.pieces) * metainfo.piece_length + assembly.available
@@ -349,14 +361,19 @@ class SwarmCoordinator:
 
         nursery.start_soon(fetch)
 
-    async def _refresh(self, download: Download, swarm: Swarm) -> float | None:
+    async def _refresh(
+        self, download: Download, swarm: Swarm, answered: AnnounceResult | None = None
+    ) -> float | None:
         """Announce progress (getting peers back, rotating one in where the swarm's size
-        calls for it) and learn newly published piece hashes. Seconds until the next announce,
-        at the tracker's pace (None: no tracker answered)."""
+        calls for it; ``answered``: an announce made already, the start's) and learn newly
+        published piece hashes. Seconds until the next announce, at the tracker's pace (None:
+        no tracker answered)."""
         assembly = download.assembly
         assert assembly is not None
         try:
-            result = await self._announce(download.digest, assembly.metainfo, len(assembly.pieces))
+            result = answered or await self._announce(
+                download.digest, assembly.metainfo, len(assembly.pieces)
+            )
             swarm.note_swarm_size(self._others(result))
             handout = [
                 p.addr

@@ -3,7 +3,7 @@
     python -m simulations.bench_tracker [--peers 10000] [--announces 20000]
         [--connections 64] [--interval 1s] [--json FILE]
     python -m simulations.bench_tracker --storm [--peers 10000] [--deadline 30s]
-        [--warm-sessions] [--json FILE]
+        [--warm-sessions] [--three-calls] [--json FILE]
 
 Why: a downloading agent announced once a second (now at the pace the tracker sets,
 p2preg/announce_pacing.py, which these figures chose) and every announce of a blob goes to the
@@ -22,7 +22,8 @@ side: the announces a second one tracker core can answer against the rollout's d
 
 ``--storm`` instead starts ``--peers`` agents at once, each making the tracker calls of a
 pull's start (StormResult), and reports how many got through within the client's deadline and
-how many would have gone to the origin.
+how many would have gone to the origin. ``--three-calls``: the start of agents before the
+tracker's /v1/start (the metainfo, the lease and an announce), the baseline to compare with.
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ class StormResult:
     blob from the origin."""
 
     peers: int
-    warm_sessions: bool  # sessions open before the storm: the last three calls only
+    warm_sessions: bool  # sessions open before the storm: no handshake
+    three_calls: bool  # the start before /v1/start: metainfo, lease, announce
     deadline_s: float
     through: int  # agents whose every start call was answered within the deadline
     gave_up: int  # agents that would have gone to the origin
@@ -119,10 +121,12 @@ class StormResult:
     tracker_cpu_s: float
 
     def report(self) -> str:
-        calls = START_CALLS[2:] if self.warm_sessions else START_CALLS
+        calls: tuple[str, ...] = THREE_CALLS if self.three_calls else START_CALLS
+        calls = calls if self.warm_sessions else HANDSHAKE + calls
         return "\n".join(
             [
-                f"storm     {self.peers} agents start at once, {len(calls)} tracker calls each "
+                f"storm     {self.peers} agents start at once, {len(calls)} tracker "
+                f"call{'s' if len(calls) > 1 else ''} each "
                 f"({', '.join(calls)}), each within {self.deadline_s:g} s",
                 f"through   {self.through} ({100 * self.through / self.peers:.1f}%), the last "
                 f"at {self.all_through_s:.1f} s; start p50 {self.start_p50_s:.2f} s, p99 "
@@ -134,7 +138,9 @@ class StormResult:
         )
 
 
-START_CALLS = ("challenge", "session", "metainfo", "lease", "announce")
+HANDSHAKE = ("challenge", "session")
+START_CALLS = ("start",)
+THREE_CALLS = ("metainfo", "lease", "announce")
 
 
 async def open_sessions(port: int, secret: bytes, peer_ids: Sequence[bytes]) -> list[bytes]:
@@ -268,23 +274,32 @@ async def handshake(call: Caller, secret: bytes, peer_id: bytes) -> bytes:
 
 
 async def start_calls(
-    call: Caller, secret: bytes, peer_id: bytes, index: int, token: bytes | None = None
+    call: Caller,
+    secret: bytes,
+    peer_id: bytes,
+    index: int,
+    token: bytes | None = None,
+    three_calls: bool = False,
 ) -> bytes:
-    """What an agent asks the tracker when a pull starts (agent/swarm_coordinator.py), in
-    START_CALLS' order (with a session ``token`` already, the last three); its token."""
+    """What an agent asks the tracker when a pull starts (agent/swarm_coordinator.py): a
+    handshake unless it holds a session ``token``, then /v1/start (``three_calls``: the
+    metainfo, the lease and an announce, as agents did before it); its token."""
     if token is None:
         token = await handshake(call, secret, peer_id)
-    await call("GET", f"/v1/metainfo/{DIGEST}", None, token)
-    await call("POST", "/v1/lease", {"digest": DIGEST, "peer_id": peer_id}, token)
     addr = f"10.9.{index >> 8 & 255}.{index & 255}:7000"
     body = {"digest": DIGEST, "peer_id": peer_id, "addr": addr, "zone": ""}
+    if not three_calls:
+        await call("POST", "/v1/start", body, token)
+        return token
+    await call("GET", f"/v1/metainfo/{DIGEST}", None, token)
+    await call("POST", "/v1/lease", {"digest": DIGEST, "peer_id": peer_id}, token)
     await call("POST", "/v1/announce", {**body, "complete": False, "pieces": 0}, token)
     return token
 
 
 async def publish(port: int, secret: bytes, peer_id: bytes) -> None:
     """The blob's fetcher, before the storm: the lease, then the metainfo with its first
-    hashes (the others' lease calls find it held, their metainfo calls find it)."""
+    hashes (the others' starts find the lease held and the metainfo published)."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     async with stream:
         call = _Call(stream, port)
@@ -302,6 +317,7 @@ async def storm(
     peer_ids: Sequence[bytes],
     deadline: float,
     tokens: Sequence[bytes | None],
+    three_calls: bool = False,
 ) -> list[float | None]:
     """Every agent's start calls at once; per agent, the seconds until it was through (None:
     its connect or a call missed the deadline, as tracker/client.py times them)."""
@@ -317,7 +333,9 @@ async def storm(
         async with stream:
             call = _Call(stream, port, deadline)
             try:
-                await start_calls(call, secret, peer_ids[index], index + 1, tokens[index])
+                await start_calls(
+                    call, secret, peer_ids[index], index + 1, tokens[index], three_calls
+                )
             except trio.TooSlowError:
                 return
         through[index] = trio.current_time() - start
@@ -328,7 +346,9 @@ async def storm(
     return through
 
 
-def run_storm(peers: int, deadline: float, warm: bool, work: Path) -> StormResult:
+def run_storm(
+    peers: int, deadline: float, warm: bool, work: Path, three_calls: bool = False
+) -> StormResult:
     with started_tracker(work) as (port, pid, secret):
         rng = random.Random(2)
         trio.run(publish, port, secret, rng.randbytes(16))
@@ -339,12 +359,13 @@ def run_storm(peers: int, deadline: float, warm: bool, work: Path) -> StormResul
             tokens = list(trio.run(open_sessions, port, secret, peer_ids))
         print(f"{peers} agents start at once ...", file=sys.stderr)
         cpu_before = process_cpu_seconds(pid)
-        times = trio.run(storm, port, secret, peer_ids, deadline, tokens)
+        times = trio.run(storm, port, secret, peer_ids, deadline, tokens, three_calls)
         cpu = process_cpu_seconds(pid) - cpu_before
     done = sorted(t for t in times if t is not None)
     return StormResult(
         peers=peers,
         warm_sessions=warm,
+        three_calls=three_calls,
         deadline_s=deadline,
         through=len(done),
         gave_up=peers - len(done),
@@ -433,6 +454,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="--storm: the agents hold a session already (opened before the storm)",
     )
+    parser.add_argument(
+        "--three-calls",
+        action="store_true",
+        help="--storm: start as agents before /v1/start did (metainfo, lease, announce)",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     result: Result | StormResult
@@ -448,7 +474,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"--storm: at most {MAX_STORM} peers (a connection each)")
         with tempfile.TemporaryDirectory(prefix="p2preg-bench-tracker-") as work:
             if args.storm:
-                result = run_storm(args.peers, deadline, args.warm_sessions, Path(work))
+                result = run_storm(
+                    args.peers, deadline, args.warm_sessions, Path(work), args.three_calls
+                )
             else:
                 result = run(args.peers, args.announces, args.connections, interval, Path(work))
     except ConfigError as exc:

@@ -170,10 +170,10 @@ class SimConfig:
     # The tracker's TrackerConfig.announce_budget: announces a second it paces the downloaders
     # to (p2preg.announce_pacing.AnnounceCalendar).
     announce_budget: int = int(ANNOUNCE_BUDGET)
-    # Seconds of the tracker's time a node's start calls take (the metainfo, the lease, an
-    # announce: `python -m simulations.bench_tracker --storm --warm-sessions` measured 2.3 ms;
-    # 3.2 ms with a session to open first), answered in the order asked by one tracker; 0:
-    # answered at once.
+    # Seconds of the tracker's time a node's start takes (POST /v1/start: the metainfo, the
+    # lease, an announce; `python -m simulations.bench_tracker --storm --warm-sessions`
+    # measured 1.4-1.5 ms, 2.6 ms as the three calls of before; 2.55 ms with a session to open
+    # first), answered in the order asked by one tracker; 0: answered at once.
     tracker_start_cost: float = 0.0
 
     def __post_init__(self) -> None:

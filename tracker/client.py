@@ -117,6 +117,17 @@ class LeaseGrant:
     expires_in: float
 
 
+@dataclass(frozen=True, slots=True)
+class PullStart:
+    """The tracker's answer when a pull starts: ``metainfo`` (None: nobody published it yet),
+    ``lease`` (None when ``metainfo`` is complete: the swarm holds the blob and nobody asks
+    the origin), and the answer to the announce of the starter with no pieces."""
+
+    metainfo: MetaInfo | None
+    lease: LeaseGrant | None
+    announce: AnnounceResult
+
+
 class _Failover(Exception):
     """This tracker failed; try the next one."""
 
@@ -270,33 +281,39 @@ class TrackerClient:
 
         def parse(url: str, status: int, payload: Any) -> AnnounceResult:
             self._expect_ok(url, status, payload)
-            _need(isinstance(payload, dict), "announce answer is not a map")
-            raw_peers, interval = payload.get("peers"), payload.get("interval")
-            _need(isinstance(raw_peers, list), "peers is not a list")
-            _need(isinstance(interval, (int, float)) and interval > 0, "bad interval")
-            now = trio.current_time()
-            peers = [_parse_peer(entry, now) for entry in raw_peers]
-            swarm = payload.get("swarm")
-            _need(
-                swarm is None
-                or (isinstance(swarm, int) and not isinstance(swarm, bool) and swarm >= 0),
-                "bad swarm size",
-            )
-            pace = payload.get("pace")
-            _need(
-                pace is None
-                or (isinstance(pace, (int, float)) and not isinstance(pace, bool) and pace > 0),
-                "bad pace",
-            )
-            return AnnounceResult(
-                peers,
-                min(float(interval), MAX_INTERVAL),
-                url,
-                swarm,
-                None if pace is None else min(float(pace), MAX_INTERVAL),
-            )
+            return _parse_announce(url, payload)
 
         return await self._call("POST", "/v1/announce", str(digest), body, parse)
+
+    async def start_pull(self, digest: Digest, *, addr: str, zone: str = "") -> PullStart:
+        """What a pull asks when it starts, in one call (POST /v1/start): the blob's metainfo,
+        the origin-fetch lease unless the swarm holds the whole blob, and an announce with no
+        pieces. A tracker before /v1/start answers 404: then the three calls it replaces."""
+        body = {"digest": str(digest), "peer_id": self.peer_id, "addr": addr, "zone": zone}
+
+        def parse(url: str, status: int, payload: Any) -> PullStart | None:
+            if status == 404:
+                return None  # (an older tracker: no such endpoint)
+            self._expect_ok(url, status, payload)
+            _need(isinstance(payload, dict), "start answer is not a map")
+            raw_metainfo, raw_lease = payload.get("metainfo"), payload.get("lease")
+            metainfo = None if raw_metainfo is None else _parse_metainfo(raw_metainfo, digest)
+            lease = None if raw_lease is None else _parse_lease(raw_lease)
+            _need(
+                lease is not None or (metainfo is not None and metainfo.complete),
+                "no lease for a blob the swarm does not hold whole",
+            )
+            return PullStart(metainfo, lease, _parse_announce(url, payload.get("announce")))
+
+        started = await self._call("POST", "/v1/start", str(digest), body, parse)
+        if started is not None:
+            return started
+        metainfo = await self.get_metainfo(digest)
+        lease = None
+        if metainfo is None or not metainfo.complete:
+            lease = await self.acquire_lease(digest)
+        announce = await self.announce(digest, addr=addr, zone=zone, complete=False, pieces=0)
+        return PullStart(metainfo, lease, announce)
 
     async def get_metainfo(self, digest: Digest) -> MetaInfo | None:
         def parse(url: str, status: int, payload: Any) -> MetaInfo | None:
@@ -322,14 +339,7 @@ class TrackerClient:
     ) -> LeaseGrant:
         def parse(url: str, status: int, payload: Any) -> LeaseGrant:
             self._expect_ok(url, status, payload)
-            _need(isinstance(payload, dict), "lease answer is not a map")
-            granted, holder = payload.get("granted"), payload.get("holder")
-            start, end, expires_in = (payload.get(k) for k in ("start", "end", "expires_in"))
-            _need(isinstance(granted, bool), "granted")
-            _need(isinstance(holder, bytes) and len(holder) == PEER_ID_BYTES, "holder")
-            _need(_is_int(start) and (end is None or _is_int(end)), "range")
-            _need(isinstance(expires_in, (int, float)) and expires_in >= 0, "expires_in")
-            return LeaseGrant(granted, holder, start, end, float(expires_in))
+            return _parse_lease(payload)
 
         body = self._lease_body(digest, piece_range)
         return await self._call("POST", "/v1/lease", str(digest), body, parse)
@@ -462,12 +472,13 @@ class TrackerClient:
 
     async def keep_sessions(self, first_within: float = FIRST_SESSION_WITHIN) -> None:
         """Keep a session open with every tracker in use, renewed before it runs out, so that
-        a pull starts without a handshake's two calls: 28% of the tracker's CPU per agent's
-        start when 10,000 start at once (2.33 instead of 3.24 ms, bench_tracker --storm
-        --warm-sessions; docs/tracker.md). Each renewal comes at a random point of the second
-        half of the session's life, and the first within ``first_within`` seconds of the
-        agent's start, so a fleet started together does not come back together. Runs until
-        cancelled; a tracker that fails is tried again at the next round."""
+        a pull starts without a handshake's two calls: 43% of the tracker's CPU per agent's
+        start when 10,000 start at once (1.41-1.49 instead of 2.55 ms with /v1/start,
+        bench_tracker --storm [--warm-sessions]; docs/tracker.md). Each renewal comes at a
+        random point of the second half of the session's life, and the first within
+        ``first_within`` seconds of the agent's start, so a fleet started together does not
+        come back together. Runs until cancelled; a tracker that fails is tried again at the
+        next round."""
         await trio.sleep(self._rng.uniform(0, first_within))
         while True:
             failed = False
@@ -554,3 +565,41 @@ def _parse_metainfo(payload: Any, digest: Digest) -> MetaInfo:
         raise _Failover(f"bad metainfo: {exc}") from None
     _need(metainfo.digest == digest, f"metainfo for {metainfo.digest}, asked for {digest}")
     return metainfo
+
+
+def _parse_announce(url: str, payload: Any) -> AnnounceResult:
+    _need(isinstance(payload, dict), "announce answer is not a map")
+    raw_peers, interval = payload.get("peers"), payload.get("interval")
+    _need(isinstance(raw_peers, list), "peers is not a list")
+    _need(isinstance(interval, (int, float)) and interval > 0, "bad interval")
+    now = trio.current_time()
+    peers = [_parse_peer(entry, now) for entry in raw_peers]
+    swarm = payload.get("swarm")
+    _need(
+        swarm is None or (isinstance(swarm, int) and not isinstance(swarm, bool) and swarm >= 0),
+        "bad swarm size",
+    )
+    pace = payload.get("pace")
+    _need(
+        pace is None
+        or (isinstance(pace, (int, float)) and not isinstance(pace, bool) and pace > 0),
+        "bad pace",
+    )
+    return AnnounceResult(
+        peers,
+        min(float(interval), MAX_INTERVAL),
+        url,
+        swarm,
+        None if pace is None else min(float(pace), MAX_INTERVAL),
+    )
+
+
+def _parse_lease(payload: Any) -> LeaseGrant:
+    _need(isinstance(payload, dict), "lease answer is not a map")
+    granted, holder = payload.get("granted"), payload.get("holder")
+    start, end, expires_in = (payload.get(k) for k in ("start", "end", "expires_in"))
+    _need(isinstance(granted, bool), "granted")
+    _need(isinstance(holder, bytes) and len(holder) == PEER_ID_BYTES, "holder")
+    _need(_is_int(start) and (end is None or _is_int(end)), "range")
+    _need(isinstance(expires_in, (int, float)) and expires_in >= 0, "expires_in")
+    return LeaseGrant(granted, holder, start, end, float(expires_in))

@@ -5,7 +5,8 @@ Endpoints (docs/tracker.md has the fields):
     GET  /healthz                      no auth
     POST /v1/auth/challenge            no auth: {peer_id} -> {nonce_t}
     POST /v1/auth/session              no auth: {peer_id, nonce_t, nonce_c, mac_c} -> {token, ...}
-    POST /v1/announce                  -> {peers: [...], interval, swarm}
+    POST /v1/announce                  -> {peers: [...], interval, swarm, pace}
+    POST /v1/start                     {digest, peer_id, addr, zone} -> {metainfo, lease, announce}
     GET  /v1/metainfo/<digest>         -> MetaInfo wire form, or 404
     PUT  /v1/metainfo/<digest>         MetaInfo wire form -> merged MetaInfo (409 on conflict)
     POST /v1/lease                     {digest, peer_id, start?, end?} -> {granted, holder, ...}
@@ -19,6 +20,7 @@ a 400 with a message; nothing a client sends can crash the handler.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import random
@@ -138,6 +140,20 @@ def _digest(text: object) -> Digest:
         raise ApiError(400, exc.message) from None
 
 
+def _peer_record(
+    peer_id: bytes, body: Mapping[str, Any], request: Request, now: float
+) -> PeerRecord:
+    """The announcing peer's record, from a checked announce body (400 on a bad field)."""
+    return PeerRecord(
+        peer_id=peer_id,
+        addr=_advertised_addr(_str_field(body, "addr", MAX_ADDR_LENGTH), request.peer),
+        zone=_str_field(body, "zone", MAX_ZONE_LENGTH),
+        complete=_bool_field(body, "complete"),
+        pieces=_int_field(body, "pieces", 0, MAX_PIECES),
+        announced_at=now,
+    )
+
+
 def _piece_range(body: Mapping[str, Any]) -> tuple[int, int | None] | None:
     if body.get("start") is None and body.get("end") is None:
         return None
@@ -228,6 +244,7 @@ class TrackerAPI:
             return self._session(_decode(request))
         routes: dict[str, Callable[[bytes, dict[str, Any], Request], Awaitable[Response]]] = {
             "/v1/announce": self._announce,
+            "/v1/start": self._start,
             "/v1/lease": self._lease,
             "/v1/lease/release": self._release,
             "/v1/report-bad": self._report_bad,
@@ -298,15 +315,38 @@ class TrackerAPI:
     async def _announce(self, peer_id: bytes, body: dict[str, Any], request: Request) -> Response:
         _own_peer_id(body, peer_id)
         digest = _digest(body.get("digest"))
-        now = self._clock()
-        record = PeerRecord(
-            peer_id=peer_id,
-            addr=_advertised_addr(_str_field(body, "addr", MAX_ADDR_LENGTH), request.peer),
-            zone=_str_field(body, "zone", MAX_ZONE_LENGTH),
-            complete=_bool_field(body, "complete"),
-            pieces=_int_field(body, "pieces", 0, MAX_PIECES),
-            announced_at=now,
+        record = _peer_record(peer_id, body, request, self._clock())
+        return msgpack_response(200, await self._record_and_hand_out(digest, record))
+
+    async def _start(self, peer_id: bytes, body: dict[str, Any], request: Request) -> Response:
+        """A pull's start in one call, what the agent asked in three before: the blob's
+        metainfo (None: nobody published it yet), the origin-fetch lease for the whole blob
+        (None when the metainfo is complete: the swarm holds it all, and a lease would send a
+        latecomer to the origin), and an announce of the starter with no pieces. Each call
+        costs the tracker HTTP, a session check and a store lookup on top of its own work, and
+        10,000 agents starting at once wait for the sum (docs/tracker.md, "A rollout's
+        start")."""
+        _own_peer_id(body, peer_id)
+        digest = _digest(body.get("digest"))
+        # (every field checked before anything changes: a refused start holds no lease)
+        record = _peer_record(peer_id, {**body, "complete": False, "pieces": 0}, request, 0.0)
+        metainfo = await self.store.get_metainfo(digest)
+        lease = None
+        if metainfo is None or not metainfo.complete:
+            lease = await self._acquire_lease(digest, peer_id, None)
+        record = dataclasses.replace(record, announced_at=self._clock())
+        return msgpack_response(
+            200,
+            {
+                "metainfo": None if metainfo is None else metainfo.to_wire(),
+                "lease": lease,
+                "announce": await self._record_and_hand_out(digest, record),
+            },
         )
+
+    async def _record_and_hand_out(self, digest: Digest, record: PeerRecord) -> dict[str, Any]:
+        """Record the announcing peer; the announce answer: peers, and when to come back."""
+        now = record.announced_at
         downloading, complete = await self.store.peer_counts()  # (before this announce)
         interval = self.config.seeder_interval(complete)
         # A seeder comes back at ``interval`` and books no announce slot.
@@ -324,19 +364,16 @@ class TrackerAPI:
             candidates, record, self.config.max_peers, self._rng, load, swarm_peers=swarm - 1
         )
         await self.store.record_handout([c.peer_id for c in chosen], now)
-        return msgpack_response(
-            200,
-            {
-                "peers": [_peer_wire(c) for c in chosen],
-                # when to announce again once complete (a seeder), and while downloading
-                # (agents before "pace" announce every second then): p2preg/announce_pacing.py
-                "interval": interval,
-                # every live peer of the blob, the requester included (a handout lists at
-                # most max_peers of them; the agents size their limits by this)
-                "swarm": swarm,
-                "pace": pace,
-            },
-        )
+        return {
+            "peers": [_peer_wire(c) for c in chosen],
+            # when to announce again once complete (a seeder), and while downloading
+            # (agents before "pace" announce every second then): p2preg/announce_pacing.py
+            "interval": interval,
+            # every live peer of the blob, the requester included (a handout lists at
+            # most max_peers of them; the agents size their limits by this)
+            "swarm": swarm,
+            "pace": pace,
+        }
 
     # -- metainfo --------------------------------------------------------------------------------
 
@@ -366,22 +403,24 @@ class TrackerAPI:
     async def _lease(self, peer_id: bytes, body: dict[str, Any], request: Request) -> Response:
         _own_peer_id(body, peer_id)
         digest = _digest(body.get("digest"))
+        return msgpack_response(200, await self._acquire_lease(digest, peer_id, _piece_range(body)))
+
+    async def _acquire_lease(
+        self, digest: Digest, peer_id: bytes, piece_range: tuple[int, int | None] | None
+    ) -> dict[str, Any]:
         now = self._clock()
         try:
-            result = await self.store.acquire_lease(digest, peer_id, _piece_range(body), now)
+            result = await self.store.acquire_lease(digest, peer_id, piece_range, now)
         except PublisherQuarantined as exc:
             raise ApiError(403, str(exc)) from None
         lease = result.lease
-        return msgpack_response(
-            200,
-            {
-                "granted": result.granted,
-                "holder": lease.holder,
-                "start": lease.start,
-                "end": lease.end,
-                "expires_in": max(0.0, lease.expires_at - now),
-            },
-        )
+        return {
+            "granted": result.granted,
+            "holder": lease.holder,
+            "start": lease.start,
+            "end": lease.end,
+            "expires_in": max(0.0, lease.expires_at - now),
+        }
 
     async def _release(self, peer_id: bytes, body: dict[str, Any], request: Request) -> Response:
         _own_peer_id(body, peer_id)

@@ -22,14 +22,17 @@ def test_announces_are_answered_and_the_tracker_cpu_is_counted(tmp_path: Path) -
     assert "announces a second" in result.report()
 
 
-@pytest.mark.parametrize("warm", [False, True])
+@pytest.mark.parametrize(("warm", "three_calls"), [(False, False), (True, False), (True, True)])
 def test_a_storm_of_starts_gets_every_agent_through_a_tracker_with_room(
-    tmp_path: Path, warm: bool
+    tmp_path: Path, warm: bool, three_calls: bool
 ) -> None:
-    result = bench_tracker.run_storm(peers=40, deadline=30.0, warm=warm, work=tmp_path)
+    result = bench_tracker.run_storm(40, 30.0, warm, tmp_path, three_calls)
     assert (result.through, result.gave_up) == (40, 0)
     assert result.tracker_cpu_s > 0 and result.start_p99_s >= result.start_p50_s > 0
-    assert ("challenge" in result.report()) is not warm
+    report = result.report()
+    assert ("challenge" in report) is not warm
+    assert ("metainfo, lease, announce" in report) is three_calls
+    assert (("1 tracker call " if warm else "3 tracker calls") in report) is not three_calls
 
 
 def test_the_command_line_writes_json_and_refuses_bad_counts(tmp_path: Path) -> None:

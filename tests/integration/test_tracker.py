@@ -197,6 +197,7 @@ async def test_every_endpoint_but_health_and_auth_needs_a_token(start_tracker, h
     body = {"digest": str(BLOB), "peer_id": b"p" * 16}
     for method, path in [
         ("POST", "/v1/announce"),
+        ("POST", "/v1/start"),
         ("GET", f"/v1/metainfo/{BLOB}"),
         ("PUT", f"/v1/metainfo/{BLOB}"),
         ("POST", "/v1/lease"),
@@ -448,6 +449,91 @@ async def test_leases_over_http(start_tracker, clients) -> None:
     assert (await c.acquire_lease(BLOB, (0, 8))).granted
 
 
+# -- a pull's start ----------------------------------------------------------------------------
+
+
+async def test_a_pull_starts_with_one_call_metainfo_lease_and_announce(
+    start_tracker, clients
+) -> None:
+    """POST /v1/start answers what a pull asked in three calls: the metainfo, the lease
+    unless the swarm holds the whole blob, and an announce with no pieces."""
+    tracker = await start_tracker()
+    a, b, c = clients(tracker.url), clients(tracker.url), clients(tracker.url)
+    refused = clients(tracker.url)
+    with pytest.raises(TrackerUnavailable, match="400"):  # a bad field: a start that holds
+        await refused.start_pull(BLOB, addr="no-port")  # nothing, the lease included
+    first = await a.start_pull(BLOB, addr="10.0.0.1:7000", zone="z1")
+    assert first.metainfo is None  # nobody published yet
+    assert first.lease is not None and first.lease.granted and first.lease.holder == a.peer_id
+    assert first.announce.peers == [] and first.announce.swarm == 1
+    assert first.announce.pace == 1.0
+    second = await b.start_pull(BLOB, addr="10.0.0.2:7000", zone="z1")
+    assert second.lease is not None and not second.lease.granted
+    assert second.lease.holder == a.peer_id  # ask the fetcher
+    [peer] = second.announce.peers  # the first starter was announced, with no pieces
+    assert (peer.peer_id, peer.addr, peer.complete, peer.pieces) == (
+        a.peer_id,
+        "10.0.0.1:7000",
+        False,
+        0,
+    )
+    # Once the swarm holds the whole blob, a latecomer gets the metainfo and no lease.
+    whole = MetaInfo.empty(BLOB, 65536, 65536).with_hashes([(0, H1)])
+    await a.put_metainfo(whole)
+    await a.announce(BLOB, addr="10.0.0.1:7000", zone="z1", complete=True, pieces=1)
+    late = await c.start_pull(BLOB, addr="10.0.0.3:7000")
+    assert late.metainfo == whole and late.lease is None
+    assert {p.peer_id for p in late.announce.peers} == {a.peer_id, b.peer_id}
+    assert late.announce.swarm == 3
+
+
+async def test_a_tracker_before_the_start_call_gets_the_three_calls(
+    clients, nursery: trio.Nursery
+) -> None:
+    """An older tracker answers 404 to /v1/start: the client asks the metainfo, the lease
+    and an announce instead, and the pull starts the same."""
+    asked: list[str] = []
+    nonces: dict[bytes, bytes] = {}
+    holder = b"h" * 16
+
+    async def older(request: Request) -> Response:
+        asked.append(request.target)
+        body = msgpack.unpackb(request.body) if request.body else {}
+        answer: dict[str, Any]
+        if request.target == "/v1/auth/challenge":
+            nonces[body["peer_id"]] = nonce_t = os.urandom(32)
+            answer = {"nonce_t": nonce_t, "expires_in": 30}
+        elif request.target == "/v1/auth/session":
+            token, peer_id = os.urandom(32), body["peer_id"]
+            mac_t = tracker_mac(SECRET, peer_id, body["nonce_c"], nonces[peer_id], token)
+            answer = {"token": token, "expires_in": 600, "mac_t": mac_t}
+        elif request.target.startswith("/v1/metainfo/"):
+            return Response(404, [("Content-Type", "application/msgpack")], msgpack.packb({}))
+        elif request.target == "/v1/lease":
+            answer = {"granted": False, "holder": holder, "start": 0, "end": None}
+            answer["expires_in"] = 5.0
+        elif request.target == "/v1/announce":
+            assert body["pieces"] == 0 and body["complete"] is False
+            answer = {"peers": [], "interval": 10, "swarm": 2}
+        else:
+            return Response(404, [("Content-Type", "application/msgpack")], msgpack.packb({}))
+        return Response(200, [("Content-Type", "application/msgpack")], msgpack.packb(answer))
+
+    listeners = await nursery.start(
+        functools.partial(serve_http, max_body=4096), "127.0.0.1", 0, older
+    )
+    client = clients(f"http://127.0.0.1:{bound_port(listeners)}")
+    started = await client.start_pull(BLOB, addr="h:1")
+    assert started.metainfo is None and started.announce.swarm == 2
+    assert started.lease is not None and started.lease.holder == holder
+    assert [t for t in asked if not t.startswith("/v1/auth/")] == [
+        "/v1/start",
+        f"/v1/metainfo/{BLOB}",
+        "/v1/lease",
+        "/v1/announce",
+    ]
+
+
 # -- several trackers --------------------------------------------------------------------------
 
 
@@ -539,6 +625,8 @@ async def test_malformed_requests_get_400_and_the_tracker_keeps_serving(
         ("POST", "/v1/announce", {**good, "addr": "no-port"}, "addr"),
         ("POST", "/v1/announce", {**good, "zone": "z" * 1000}, "zone"),
         ("POST", "/v1/announce", {k: v for k, v in good.items() if k != "addr"}, "addr"),
+        ("POST", "/v1/start", {**good, "digest": "sha256:nothex"}, "digest"),
+        ("POST", "/v1/start", {**good, "zone": 5}, "zone"),
         ("POST", "/v1/lease", {**good, "start": 5, "end": 5}, "end"),
         ("POST", "/v1/lease", {**good, "start": "0"}, "start"),
         ("POST", "/v1/report-bad", {"digest": str(BLOB), "publisher": b"short"}, "publisher"),
