@@ -10,7 +10,7 @@ of it: ten times what it can answer, so every answer would wait for the backlog.
 
 So the tracker tells each downloader when to announce again (``pace`` in the announce answer),
 from a calendar of announce slots (AnnounceCalendar): the next free one, at least a second
-away, the slots ANNOUNCE_BUDGET a second apart, but never further ahead than the seeders'
+away, ANNOUNCE_BUDGET slots a second, but never further ahead than the seeders'
 shortest interval (a third of the peer TTL), so a paced downloader is never dropped as stale;
 when its downloading records cannot all fit the budget within that ceiling, the slots are as
 close as the ceiling forces (records / ceiling a second). In the steady state that is the pace
@@ -58,8 +58,8 @@ RECORD_LIFETIMES = 3
 
 class AnnounceCalendar:
     """When a tracker asks each downloader to announce again: the next free slot of a calendar
-    whose slots are ``budget`` a second apart (fewer apart when the downloading records could
-    not otherwise all announce within ``ceiling``), at least ANNOUNCE_INTERVAL and at most
+    of ``budget`` slots a second (more when the downloading records could not otherwise all
+    announce within ``ceiling``), at least ANNOUNCE_INTERVAL and at most
     ``ceiling`` (a third of the peer TTL) from now. One calendar for all the tracker's blobs,
     as the budget is the tracker's."""
 

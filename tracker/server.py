@@ -20,7 +20,6 @@ a 400 with a message; nothing a client sends can crash the handler.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import random
@@ -329,12 +328,13 @@ class TrackerAPI:
         _own_peer_id(body, peer_id)
         digest = _digest(body.get("digest"))
         # (every field checked before anything changes: a refused start holds no lease)
-        record = _peer_record(peer_id, {**body, "complete": False, "pieces": 0}, request, 0.0)
+        record = _peer_record(
+            peer_id, {**body, "complete": False, "pieces": 0}, request, self._clock()
+        )
         metainfo = await self.store.get_metainfo(digest)
         lease = None
         if metainfo is None or not metainfo.complete:
             lease = await self._acquire_lease(digest, peer_id, None)
-        record = dataclasses.replace(record, announced_at=self._clock())
         return msgpack_response(
             200,
             {
