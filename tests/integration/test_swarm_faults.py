@@ -270,6 +270,9 @@ async def test_peer_with_a_corrupted_blob_is_banned_and_the_pull_succeeds(
         assert await pull_image(seeder.registry_url, "team/rotten", image) == expected_digests(
             image
         )
+        # The pull returns once the bytes are streamed; the agent commits the blob to its
+        # store just after (verify, then rename), so damage it only once it is there.
+        await wait_until(lambda: seeder.store.has(digest))
         _flip_bytes(seeder.store.blob_path(digest), 3 * MiB + 1000, 16)  # inside piece 3
         # Someone else is fetching this blob from the origin (a lease B cannot get for now),
         # so B must go to its peers, of which A is the only one.
