@@ -561,6 +561,53 @@ def test_availability_is_the_count_of_connected_peers_holding_each_piece(max_pee
     assert checked and max(checked) > 0
 
 
+def test_slot_grants_compare_the_ranks_fields_with_the_same_choices_as_upload_rank() -> None:
+    """_grant compares (busy, times sent, held) directly only because upload_rank orders so;
+    the choices, and so the whole rollout, are the same as calling upload_rank per waiter."""
+    assert sim.rank_order_holds()
+    config = SimConfig(
+        nodes=60,
+        blob_size=64 * MiB,
+        node_upload=20 * MiB,
+        node_download=20 * MiB,
+        origin_upload=20 * MiB,
+        fail_fraction=0.05,
+        seed=3,
+    )
+    flat = sim.Simulator(config)
+    called = sim.Simulator(config)
+    assert flat.flat_rank
+    called.flat_rank = False
+    assert flat.run().summary() == called.run().summary()
+
+
+def test_a_rank_that_orders_otherwise_is_called_for_every_waiter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = []
+
+    def held_first(sent: int, held: int, busy: bool = False) -> tuple[int, int, int]:
+        calls.append(held)
+        return (held, int(busy), sent)
+
+    monkeypatch.setattr(sim, "upload_rank", held_first)
+    assert not sim.rank_order_holds()
+    calls.clear()
+    simulator = sim.Simulator(
+        SimConfig(
+            nodes=20,
+            blob_size=16 * MiB,
+            node_upload=10 * MiB,
+            node_download=10 * MiB,
+            origin_upload=10 * MiB,
+            seed=1,
+        )
+    )
+    assert not simulator.flat_rank
+    assert simulator.run().incomplete == 0
+    assert calls  # the grants asked the rank under test
+
+
 def test_unrolled_water_fill_is_the_loop_to_the_bit() -> None:
     up = 100.0 * MiB
     shares = [up / k for k in range(1, 10)] + [1.0, up / 3 + 1e-9, 2 * up / 3, 2 * up]
