@@ -1082,25 +1082,29 @@ class Simulator:
         # (an agent tells the peers it waits at at most 0.25 s late, agent/swarm.py
         # _tell_progress: a few pieces' difference); its busy flag as it is now (the agent's
         # busy message goes out the moment it changes).
-        def flat_key(c: _Conn) -> tuple[bool, int, int, tuple[float, float]]:
-            # The rank's fields in its order, flat (rank_order_holds checked that this is the
-            # rank's order): with a call of upload_rank per waiter the key was 15% of a run.
-            dst = c.dst
-            return (
-                dst.arriving >= BUSY_INCOMING_PIECES,
-                sent[c.queue[0]],
-                len(dst.have),
-                c.wait_order,
-            )
+        key: Callable[[_Conn], tuple[Any, ...]]
+        if self.flat_rank:
 
-        def rank_key(
-            c: _Conn, rank: Callable[..., tuple[int, int, int]] = upload_rank
-        ) -> tuple[tuple[int, int, int], tuple[float, float]]:
-            dst = c.dst
-            busy = dst.arriving >= BUSY_INCOMING_PIECES
-            return (rank(sent[c.queue[0]], len(dst.have), busy), c.wait_order)
+            def key(c: _Conn) -> tuple[bool, int, int, tuple[float, float]]:
+                # The rank's fields in its order, flat (rank_order_holds checked that this is
+                # the rank's order): with a call of upload_rank per waiter the key was 15% of a
+                # run.
+                dst = c.dst
+                return (
+                    dst.arriving >= BUSY_INCOMING_PIECES,
+                    sent[c.queue[0]],
+                    len(dst.have),
+                    c.wait_order,
+                )
 
-        key: Callable[[_Conn], tuple[Any, ...]] = flat_key if self.flat_rank else rank_key
+        else:
+
+            def key(
+                c: _Conn, rank: Callable[..., tuple[int, int, int]] = upload_rank
+            ) -> tuple[tuple[int, int, int], tuple[float, float]]:
+                dst = c.dst
+                busy = dst.arriving >= BUSY_INCOMING_PIECES
+                return (rank(sent[c.queue[0]], len(dst.have), busy), c.wait_order)
 
         while src.slots > 0 and waiters and src.alive:
             best = min(waiters, key=key)

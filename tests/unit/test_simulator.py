@@ -34,6 +34,10 @@ MiB = 1024 * 1024
 
 
 def _run(**overrides: object) -> SimResult:
+    return simulate(_config(**overrides))
+
+
+def _config(**overrides: object) -> SimConfig:
     values: dict[str, object] = {
         "nodes": 10,
         "blob_size": 64 * MiB,
@@ -43,7 +47,7 @@ def _run(**overrides: object) -> SimResult:
         "seed": 1,
     }
     values.update(overrides)
-    return simulate(SimConfig(**values))  # type: ignore[arg-type]
+    return SimConfig(**values)  # type: ignore[arg-type]
 
 
 # -- closed-form bounds --------------------------------------------------------------------------
@@ -565,15 +569,7 @@ def test_slot_grants_compare_the_ranks_fields_with_the_same_choices_as_upload_ra
     """_grant compares (busy, times sent, held) directly only because upload_rank orders so;
     the choices, and so the whole rollout, are the same as calling upload_rank per waiter."""
     assert sim.rank_order_holds()
-    config = SimConfig(
-        nodes=60,
-        blob_size=64 * MiB,
-        node_upload=20 * MiB,
-        node_download=20 * MiB,
-        origin_upload=20 * MiB,
-        fail_fraction=0.05,
-        seed=3,
-    )
+    config = _config(nodes=60, fail_fraction=0.05, seed=3)  # 64 MiB @ 20 MiB/s
     flat = sim.Simulator(config)
     called = sim.Simulator(config)
     assert flat.flat_rank
@@ -592,16 +588,8 @@ def test_a_rank_that_orders_otherwise_is_called_for_every_waiter(
 
     monkeypatch.setattr(sim, "upload_rank", held_first)
     assert not sim.rank_order_holds()
-    simulator = sim.Simulator(
-        SimConfig(
-            nodes=20,
-            blob_size=16 * MiB,
-            node_upload=10 * MiB,
-            node_download=10 * MiB,
-            origin_upload=10 * MiB,
-            seed=1,
-        )
-    )
+    rate = {"node_upload": 10 * MiB, "node_download": 10 * MiB, "origin_upload": 10 * MiB}
+    simulator = sim.Simulator(_config(nodes=20, blob_size=16 * MiB, **rate))
     assert not simulator.flat_rank
     calls.clear()  # (rank_order_holds asked it too, when the simulator started)
     assert simulator.run().incomplete == 0
