@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from collections import Counter
 
@@ -249,6 +250,44 @@ def test_handout_load_decays_with_half_life() -> None:
     load.record([peer], now=120.0)
     assert abs(load.get(peer, 120.0) - 1.5) < 1e-9
     assert load.sweep(200.0) == 1 and len(load) == 0
+
+
+def test_handout_load_keeps_its_counts_across_rescaling() -> None:
+    # Counts are kept scaled to a common instant that moves forward every
+    # REBASE_EXPONENT / rate seconds; over many of those the counts stay exact.
+    load = HandoutLoad(half_life=1.0)
+    step = 0.9 * HandoutLoad.REBASE_EXPONENT / math.log(2)  # a rescale every other step
+    steady, fresh = POOL[1], POOL[2]
+    now = 0.0
+    for _ in range(20):
+        load.record([steady], now)
+        assert load.get(steady, now) == pytest.approx(1.0)
+        assert load.get(steady, now + 1.0) == pytest.approx(0.5)
+        now += step
+    load.record([fresh, fresh, fresh], now)
+    assert load.snapshot([fresh, POOL[3]], now + 2.0) == {fresh: pytest.approx(0.75)}
+    # the steady peer's last count decayed to nothing and is swept; the fresh one stays
+    assert load.sweep(now + 2.0) == 1 and len(load) == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 5000), st.data())
+def test_distinct_positions_are_distinct_and_in_range(size: int, data: st.DataObject) -> None:
+    count = data.draw(st.integers(0, size))
+    rng = random.Random(data.draw(st.integers(0, 2**32)))
+    places = handout._distinct_positions(size, count, rng)
+    assert len(places) == count and all(0 <= x < size for x in places)
+
+
+def test_distinct_positions_are_uniform() -> None:
+    # 20,000 draws of 10 of 37 (a size far from a power of two: most words are rejected)
+    rng = random.Random(5)
+    seen: Counter[int] = Counter()
+    for _ in range(2000):
+        seen.update(handout._distinct_positions(37, 10, rng))
+    expected = 2000 * 10 / 37  # 540.5
+    assert set(seen) == set(range(37))
+    assert all(abs(n - expected) < 5 * expected**0.5 for n in seen.values()), seen
 
 
 def test_handout_load_is_bounded() -> None:
