@@ -319,23 +319,45 @@ class PeerTiers:
             size = sum(len(t.records) for t in group)
             if size == 0:
                 continue
+            # The requester's place in the group, if its record is there: left out by place,
+            # not by comparing every candidate's id with it.
+            skip = None if mine is None else _place_in(group, mine, me)
             if 0 < sample < size:
-                out += _sample(group, size, sample, rng)
+                out += _sample(group, size, sample, rng, skip)
             else:
                 for tier in group:
-                    out += tier.records
-            found += size - (mine is not None and any(t is mine for t in group))
+                    if tier is mine:
+                        place = tier.position[me]
+                        out += tier.records[:place]
+                        out += tier.records[place + 1 :]
+                    else:
+                        out += tier.records
+            found += size - (skip is not None)
             if found >= limit:
                 break
-        if mine is not None:
-            out = [record for record in out if record.peer_id != me]
         return out
 
 
-def _sample(group: list[_Tier], size: int, count: int, rng: random.Random) -> list[PeerRecord]:
+def _place_in(group: list[_Tier], tier: _Tier, peer_id: bytes) -> int | None:
+    """The position of ``peer_id``'s record (held in ``tier``) in the concatenated records of
+    ``group``; None when ``tier`` is not in the group."""
+    start = 0
+    for member in group:
+        if member is tier:
+            return start + tier.position[peer_id]
+        start += len(member.records)
+    return None
+
+
+def _sample(
+    group: list[_Tier], size: int, count: int, rng: random.Random, skip: int | None = None
+) -> list[PeerRecord]:
     """``count`` distinct records drawn uniformly from the ``size`` records of ``group``, in no
-    particular order (``choose_peers`` breaks its ties with draws of its own)."""
+    particular order (``choose_peers`` breaks its ties with draws of its own), less the one at
+    position ``skip`` if it was drawn."""
     places = _distinct_positions(size, count, rng)
+    if skip is not None:
+        places.discard(skip)
     if len(group) == 1:
         records = group[0].records
         return [records[x] for x in places]
