@@ -2,11 +2,12 @@
 
 A downloading agent announces its progress to get peers back (and, in swarms of more than 16
 others, a peer to rotate in). Every announce of a blob goes to the one tracker its digest ranks
-first (rendezvous hashing, docs/tracker.md), and an announce costs that tracker about 1 ms of
-CPU with 10,000 peers in the blob's swarm (`python -m simulations.bench_tracker`: 1.04 ms, 960
-announces a second on one core; the handout's sampling and ranking are half of it, HTTP the
-rest). At one announce a second per downloader, a rollout to 10,000 nodes asks 10,000 a second
-of it: ten times what it can answer, so every answer would wait for the backlog.
+first (rendezvous hashing, docs/tracker.md), and an announce costs that tracker about 0.8 ms
+of CPU with 10,000 peers in the blob's swarm (`python -m simulations.bench_tracker`: 0.81 ms,
+1,240 announces a second on one core since c5eb183; the handout's sampling and ranking are
+about half of it, HTTP and trio the rest). At one announce a second per downloader, a rollout
+to 10,000 nodes asks 10,000 a second of it: eight times what it can answer, so every answer
+would wait for the backlog.
 
 So the tracker tells each downloader when to announce again (``pace`` in the announce answer),
 from a calendar of announce slots (AnnounceCalendar): the next free one, at least a second
@@ -19,11 +20,11 @@ start is one: every node announces within a second, and a pace computed from the
 alone sent them all back together ten seconds later, again and again, so nobody got a fresh
 answer (and a peer to rotate in) before the tenth second of a rollout that lasts thirteen.
 The calendar spreads them over the ceiling instead: at 1,000 nodes in three zones paced to
-10 s, p99 1.33x -> 1.29x the bound (docs/simulator.md, finding 15). The budget is half of
-one core at the measured cost, leaving the other half for metainfo, leases, session renewals
-and bursts. At 10,000 peers and the default 30 s TTL the ceiling binds (10 s): about 1,000
-announces a second, the tracker's whole core; a fleet that size wants a longer --peer-ttl or
-more trackers (its blobs spread over them; docs/operations.md).
+10 s, p99 1.33x -> 1.29x the bound (docs/simulator.md, finding 15). The budget is under half
+of one core at the measured cost, leaving the rest for metainfo, leases, session renewals and
+bursts. At 10,000 peers and the default 30 s TTL the ceiling binds (10 s): about 1,000
+announces a second, four fifths of the tracker's core; a fleet that size wants a longer
+--peer-ttl or more trackers (its blobs spread over them; docs/operations.md).
 
 Agents rotate a peer at each answer, as before (agent/swarm_coordinator.py; the simulator does
 the same with this function), so at a slower pace they rotate less often. Rotating every second

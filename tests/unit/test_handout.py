@@ -280,7 +280,7 @@ def test_distinct_positions_are_distinct_and_in_range(size: int, data: st.DataOb
 
 
 def test_distinct_positions_are_uniform() -> None:
-    # 20,000 draws of 10 of 37 (a size far from a power of two: most words are rejected)
+    # 20,000 draws of 10 of 37 (a size far from a power of two: 27 of every 64 words are rejected)
     rng = random.Random(5)
     seen: Counter[int] = Counter()
     for _ in range(2000):
