@@ -428,11 +428,17 @@ class HandoutLoad:
         """What a stored value is multiplied by to give the count at ``now``."""
         if self._epoch is None:
             self._epoch = now
-        elif self._rate * (now - self._epoch) > self.REBASE_EXPONENT:
-            factor = math.exp(-self._rate * (now - self._epoch))
+        elapsed = now - self._epoch
+        if elapsed <= 0:
+            # A time before the epoch (a clock that stepped back): the counts as they are,
+            # not grown by exp(rate * step), which a long step would overflow.
+            return 1.0
+        if self._rate * elapsed > self.REBASE_EXPONENT:
+            factor = math.exp(-self._rate * elapsed)
             self._values = {peer: value * factor for peer, value in self._values.items()}
             self._epoch = now
-        return math.exp(-self._rate * (now - self._epoch))
+            return 1.0
+        return math.exp(-self._rate * elapsed)
 
     def get(self, peer_id: bytes, now: float) -> float:
         value = self._values.get(peer_id)
