@@ -31,6 +31,7 @@ from p2preg.digest import Digest
 from p2preg.errors import DigestMismatch, P2PRegError, RegistryError, UpstreamUnavailable
 from p2preg.mediatypes import MAX_MANIFEST_BYTES
 from p2preg.metainfo import MetaInfo, piece_length_for
+from p2preg.units import parse_decimal
 
 log = logging.getLogger(__name__)
 
@@ -280,9 +281,9 @@ def _total_size(response: httpx.Response) -> int | None:
     """The blob's full size from a 200's Content-Length or a 206's Content-Range."""
     if response.status_code == 206:
         total = response.headers.get("content-range", "").rpartition("/")[2]
-        return int(total) if total.isdigit() else None
+        return parse_decimal(total)
     length = response.headers.get("content-length")
-    return int(length) if length is not None and length.isdigit() else None
+    return None if length is None else parse_decimal(length)
 
 
 def _single_leaf(exc: BaseException) -> BaseException:

@@ -21,6 +21,7 @@ from p2preg.config import AgentConfig
 from p2preg.digest import Digest
 from p2preg.errors import RegistryError, UpstreamUnavailable
 from p2preg.mediatypes import MAX_MANIFEST_BYTES, manifest_media_type, normalize_accept
+from p2preg.units import parse_decimal
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +95,11 @@ class ManifestService:
         response = await self._origin.head_manifest(request, tag, accept)
         digest_header = response.headers.get("docker-content-digest")
         length = response.headers.get("content-length")
-        if digest_header and length and length.isdigit():
+        size = None if length is None else parse_decimal(length)
+        if digest_header and size is not None:
             digest = Digest.parse(digest_header)
             media_type = manifest_media_type(response.headers.get("content-type"), None)
-            return ManifestHead(digest, media_type, int(length))
+            return ManifestHead(digest, media_type, size)
         # The origin's HEAD did not say the digest: fetch the manifest and compute it.
         data, response = await self._origin.get_manifest(request, tag, accept, MAX_MANIFEST_BYTES)
         digest = Digest.of_bytes(data)

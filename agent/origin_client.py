@@ -26,6 +26,7 @@ from p2preg.config import AgentConfig, Credentials, Upstream
 from p2preg.digest import Digest
 from p2preg.errors import OCI_ERROR_CODES, RegistryError, UpstreamUnavailable
 from p2preg.http_auth import Challenge, parse_challenge, parse_retry_after, pull_scope
+from p2preg.units import parse_decimal
 
 log = logging.getLogger(__name__)
 
@@ -346,7 +347,7 @@ def _challenge_header(response: httpx.Response) -> dict[str, str]:
 
 async def _read_bounded(response: httpx.Response, limit: int) -> bytes:
     declared = response.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and (parse_decimal(declared) or 0) > limit:
         raise RegistryError("MANIFEST_INVALID", f"origin sent a manifest over {limit} bytes")
     body = bytearray()
     async for chunk in response.aiter_bytes():

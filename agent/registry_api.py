@@ -39,11 +39,15 @@ from p2preg.reference import (
     validate_name,
     validate_tag,
 )
+from p2preg.units import parse_decimal
 
 log = logging.getLogger(__name__)
 
 API_HEADERS = [("Docker-Distribution-API-Version", "registry/2.0")]
 MAX_TAGS_LIST_BYTES = 8 * 1024 * 1024
+# The client's headers the agent sends on to the origin (the Accept of a manifest request,
+# every request's Authorization): checked to be ASCII before anything is asked of the origin.
+_FORWARDED_HEADERS = ("authorization", "accept")
 
 
 def error_response(error: RegistryError) -> Response:
@@ -108,7 +112,19 @@ class RegistryEndpoint:
             return error_response(RegistryError("UNAVAILABLE", "internal error", status=500))
 
     async def _dispatch(self, request: Request) -> Response:
-        url = urlsplit(request.target)
+        try:
+            url = urlsplit(request.target)
+        except ValueError as exc:  # e.g. an absolute-form target naming "[zz]" as its host
+            raise RegistryError(
+                "UNSUPPORTED", f"malformed request target: {exc}", status=400
+            ) from None
+        for name in _FORWARDED_HEADERS:
+            value = request.header(name)
+            if value is not None and not value.isascii():
+                # Sent on to the origin, where HTTP allows only ASCII (httpx refuses the rest)
+                raise RegistryError(
+                    "UNSUPPORTED", f"the {name} header has non-ASCII characters", status=400
+                )
         path, query = url.path, parse_qs(url.query)
         if path in ("/v2", "/v2/"):
             if request.method not in ("GET", "HEAD"):
@@ -197,15 +213,18 @@ class RegistryEndpoint:
                 return self._blob_response(digest, active.size, None, None)
             response = await self._origin.head_blob(origin_request, digest)
             length = response.headers.get("content-length")
-            size = int(length) if length and length.isdigit() else None
+            size = None if length is None else parse_decimal(length)
             return self._blob_response(digest, size, None, None)
         return await self._streamed_blob(request, origin_request, digest)
 
     def _ranged_blob(self, request: Request, digest: Digest, size: int, body: _Body) -> Response:
         try:
             byte_range = parse_range(request.header("range"), size)
-        except RangeNotSatisfiable:
+        except BaseException as exc:
+            # The body is never sent: close it, or it holds its file open and the blob pinned.
             body.close()
+            if not isinstance(exc, RangeNotSatisfiable):
+                raise
             raise RegistryError(
                 "RANGE_INVALID",
                 f"range {request.header('range')} is outside the blob's {size} bytes",

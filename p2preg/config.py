@@ -21,7 +21,7 @@ from p2preg.cluster_auth import parse_cluster_secret
 from p2preg.errors import ConfigError
 from p2preg.metainfo import MAX_PIECE_LENGTH, MIN_PIECE_LENGTH
 from p2preg.reference import DOCKER_HUB_NAMESPACE
-from p2preg.units import parse_duration, parse_size
+from p2preg.units import parse_decimal, parse_duration, parse_size
 
 DEFAULT_REGISTRY_ADDR = "127.0.0.1:5080"
 DOCKER_HUB_URL = "https://registry-1.docker.io"
@@ -97,9 +97,10 @@ class AgentConfig:
 
 def parse_host_port(text: str, what: str) -> tuple[str, int]:
     host, sep, port_text = text.rpartition(":")
-    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    port = parse_decimal(port_text)
+    if not sep or not host or port is None or not 0 <= port <= 65535:
         raise ConfigError(f"{what}: expected HOST:PORT, got {text!r}")
-    return host.strip("[]"), int(port_text)
+    return host.strip("[]"), port
 
 
 def parse_upstream_url(text: str, what: str = "upstream") -> Upstream:
@@ -148,10 +149,10 @@ def _as_list(value: Any, what: str) -> list[str]:
 
 
 def _as_port(value: Any, what: str) -> int:
-    text = str(value)
-    if not text.isdigit() or not 0 <= int(text) <= 65535:
+    port = parse_decimal(str(value))
+    if port is None or not 0 <= port <= 65535:
         raise ConfigError(f"{what}: expected a port number, got {value!r}")
-    return int(text)
+    return port
 
 
 def _as_str(value: Any, what: str) -> str:
@@ -380,8 +381,8 @@ class TrackerConfig:
 
 def _as_int(low: int, high: int) -> Callable[[Any, str], int]:
     def convert(value: Any, what: str) -> int:
-        if isinstance(value, str) and value.strip().isdigit():
-            value = int(value.strip())
+        if isinstance(value, str) and parse_decimal(value.strip()) is not None:
+            value = parse_decimal(value.strip())
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
             raise ConfigError(f"{what}: expected a whole number {low}..{high}, got {value!r}")
         return value

@@ -11,6 +11,8 @@ import email.utils
 import re
 from dataclasses import dataclass
 
+from p2preg.units import parse_decimal
+
 _PARAM_RE = re.compile(r'\s*([A-Za-z0-9_.-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,"]+))\s*,?')
 
 
@@ -52,8 +54,9 @@ def parse_retry_after(value: str | None, now_epoch: float) -> float | None:
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    seconds = parse_decimal(value)
+    if seconds is not None:
+        return float(seconds)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -91,20 +94,20 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
     unit, _, spec = header.strip().partition("=")
     if unit.strip().lower() != "bytes" or "," in spec:
         return None
-    first, dash, last = spec.strip().partition("-")
-    first, last = first.strip(), last.strip()
-    if not dash or (first and not first.isdigit()) or (last and not last.isdigit()):
+    first_text, dash, last_text = spec.strip().partition("-")
+    first_text, last_text = first_text.strip(), last_text.strip()
+    first, last = parse_decimal(first_text), parse_decimal(last_text)
+    if not dash or (first_text and first is None) or (last_text and last is None):
         return None
-    if not first:
-        if not last:
+    if first is None:
+        if last is None:
             return None
-        suffix = int(last)
-        if suffix == 0 or size == 0:
+        if last == 0 or size == 0:
             raise RangeNotSatisfiable
-        return ByteRange(max(0, size - suffix), size - 1)
-    start = int(first)
-    end = int(last) if last else size - 1
-    if last and end < start:
+        return ByteRange(max(0, size - last), size - 1)
+    start = first
+    end = size - 1 if last is None else last
+    if last is not None and end < start:
         return None
     if start >= size:
         raise RangeNotSatisfiable

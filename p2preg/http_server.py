@@ -24,6 +24,7 @@ import h11
 import trio
 
 from p2preg.errors import ConfigError
+from p2preg.units import parse_decimal
 from p2preg.zerocopy import sendfile_all
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ class _Connection:
         """Read the request body (at most ``max_body`` bytes) into ``request.body``.
         Returns (status, reason) when the request must be refused and the connection closed."""
         declared = request.headers.get("content-length", "").strip()
-        if declared.isdigit() and int(declared) > self.max_body:
+        if (parse_decimal(declared) or 0) > self.max_body:
             return 413, f"request body larger than {self.max_body} bytes"
         if self.h11.they_are_waiting_for_100_continue:
             await self._send_all(

@@ -32,6 +32,23 @@ _DURATION_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*")
 _DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
+# A decimal field of a header or a config value saturates here: no size, offset, count or
+# delay of ours comes near it, and int() refuses strings past 4,300 digits.
+DECIMAL_CAP = 10**18
+
+
+def parse_decimal(text: str) -> int | None:
+    """The value of an unsigned decimal field (a Content-Length, a Range position, a port):
+    ASCII digits only, None for anything else, DECIMAL_CAP for more than 18 digits.
+
+    ``str.isdigit()`` is no test for this: it is true for '\u00b2' and for other scripts'
+    digits (latin-1 header bytes decode to some of them), which int() then refuses or reads,
+    and for strings too long for int()."""
+    if not text or not text.isascii() or not text.isdigit():
+        return None
+    return int(text) if len(text) <= 18 else DECIMAL_CAP
+
+
 def parse_size(text: str | int, what: str = "size") -> int:
     """``'20GiB'`` -> 21474836480. Raise ConfigError naming ``what`` on bad input."""
     if isinstance(text, int) and not isinstance(text, bool):

@@ -46,6 +46,7 @@ from p2preg.errors import RegistryError, RemoteProtocolError
 from p2preg.handout import PeerRecord, choose_peers
 from p2preg.http_server import Request, Response, bound_port, serve_http
 from p2preg.metainfo import MetaInfo
+from p2preg.units import parse_decimal
 from tracker.peer_store import (
     MemoryPeerStore,
     MetainfoConflict,
@@ -167,7 +168,8 @@ def _piece_range(body: Mapping[str, Any]) -> tuple[int, int | None] | None:
 def _advertised_addr(addr: str, request_peer: str) -> str:
     """``host:port``; an empty or unspecified host means 'the address you see me at'."""
     host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) <= 65535:
+    number = parse_decimal(port)
+    if not sep or number is None or not 0 < number <= 65535:
         raise ApiError(400, f"addr must be HOST:PORT, got {addr[:100]!r}")
     if host.strip("[]") in ("", "0.0.0.0", "::"):
         seen = request_peer.rpartition(":")[0]

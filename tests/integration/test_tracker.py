@@ -623,6 +623,9 @@ async def test_malformed_requests_get_400_and_the_tracker_keeps_serving(
         ("POST", "/v1/announce", {**good, "pieces": True}, "pieces"),
         ("POST", "/v1/announce", {**good, "complete": "yes"}, "complete"),
         ("POST", "/v1/announce", {**good, "addr": "no-port"}, "addr"),
+        # digits str.isdigit() accepts and int() refuses, and more than int() reads
+        ("POST", "/v1/announce", {**good, "addr": "10.0.0.1:\u00b2"}, "addr"),
+        ("POST", "/v1/announce", {**good, "addr": "10.0.0.1:" + "7" * 5000}, "addr"),
         ("POST", "/v1/announce", {**good, "zone": "z" * 1000}, "zone"),
         ("POST", "/v1/announce", {k: v for k, v in good.items() if k != "addr"}, "addr"),
         ("POST", "/v1/start", {**good, "digest": "sha256:nothex"}, "digest"),

@@ -56,6 +56,8 @@ def test_credentials_from_file() -> None:
         ({"upstream": ["bad ns=http://a"]}, "invalid registry namespace"),
         ({"upstream": ["http://a/v2/"]}, "must not have a path"),
         ({"registry_addr": "localhost"}, "HOST:PORT"),
+        ({"registry_addr": "localhost:\u00b2"}, "HOST:PORT"),  # isdigit(), but not a number
+        ({"registry_addr": "localhost:" + "5" * 5000}, "HOST:PORT"),
         ({"cache_size": "0"}, "larger than zero"),
         ({"log_level": "loud"}, "log-level"),
     ],

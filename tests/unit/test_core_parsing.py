@@ -16,7 +16,7 @@ from p2preg.http_auth import (
     parse_retry_after,
 )
 from p2preg.reference import normalize_docker_hub_name, validate_name, validate_tag
-from p2preg.units import parse_duration, parse_size
+from p2preg.units import DECIMAL_CAP, parse_decimal, parse_duration, parse_size
 
 SHA = "sha256:" + "ab" * 32
 
@@ -131,6 +131,13 @@ def test_durations() -> None:
         ("items=0-1", 100, None),
         ("bytes=9-3", 100, None),
         ("bytes=x-3", 100, None),
+        # str.isdigit() is true for these, int() refuses them: not numbers, ignored
+        ("bytes=\u00b2-", 100, None),
+        ("bytes=0-\u00b9", 100, None),
+        ("bytes=\u0663-", 100, None),  # an Arabic-Indic 3
+        # more digits than int() reads: well-formed, and longer than any blob
+        ("bytes=0-" + "9" * 5000, 100, ByteRange(0, 99)),
+        ("bytes=-" + "9" * 5000, 100, ByteRange(0, 99)),
     ],
 )
 def test_range(header: str | None, size: int, expected: ByteRange | None) -> None:
@@ -138,11 +145,46 @@ def test_range(header: str | None, size: int, expected: ByteRange | None) -> Non
 
 
 @pytest.mark.parametrize(
-    ("header", "size"), [("bytes=100-", 100), ("bytes=-0", 100), ("bytes=0-", 0)]
+    ("header", "size"),
+    [("bytes=100-", 100), ("bytes=-0", 100), ("bytes=0-", 0), ("bytes=" + "1" * 5000 + "-", 100)],
 )
 def test_unsatisfiable_range(header: str, size: int) -> None:
     with pytest.raises(RangeNotSatisfiable):
         parse_range(header, size)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("0", 0),
+        ("65535", 65535),
+        ("007", 7),
+        ("9" * 18, 10**18 - 1),
+        ("9" * 19, DECIMAL_CAP),
+        ("1" * 5000, DECIMAL_CAP),
+        ("", None),
+        (" 1", None),
+        ("+1", None),
+        ("-1", None),
+        ("1_000", None),
+        ("1.5", None),
+        ("\u00b2", None),
+        ("\u0663", None),
+        ("\uff11", None),  # a fullwidth 1
+    ],
+)
+def test_decimal_fields_are_ascii_digits_and_saturate(text: str, value: int | None) -> None:
+    assert parse_decimal(text) == value
+
+
+@given(st.text(alphabet=st.sampled_from("0123456789\u00b2\u0663-= ,"), max_size=30))
+def test_range_of_digits_of_any_script_never_raises_but_unsatisfiable(header: str) -> None:
+    try:
+        result = parse_range("bytes=" + header, 1000)
+    except RangeNotSatisfiable:
+        return
+    if result is not None:
+        assert 0 <= result.start <= result.end < 1000
 
 
 @given(st.text(max_size=50), st.integers(min_value=0, max_value=10**12))
