@@ -518,12 +518,13 @@ class Swarm:
         with contextlib.suppress(PeerGone, LocalProtocolError):
             await other.link.send(Cancel(self.digest, index))
 
-    async def rotate(self, handout: list[str]) -> None:
+    async def rotate(self, handout: list[str], count: int = 1) -> None:
         """The tracker answered with ``handout``: where we rotate peers (more than 16 others,
         from our second count: p2preg.swarm_limits.rotates_peers), at our peer limit, drop the
         peer where our requests starved most since the last answer and dial one of the answer
-        instead (p2preg.peer_rotation says why and which). Its requests go back to the picker;
-        the dropped address is not redialled for REDIAL_BACKOFF."""
+        instead, ``count`` times at most (p2preg.peer_rotation says why, which and how many).
+        Their requests go back to the picker; a dropped address is not redialled for
+        REDIAL_BACKOFF."""
         peers = list(self.peers.values())
         counts = [(peer, peer.withdrawn, peer.delivered) for peer in peers]
         for peer in peers:
@@ -539,21 +540,31 @@ class Swarm:
         options = [a for a in dict.fromkeys(handout) if self._may_dial(a, connected, now)]
         if not options:
             return
-        out = peer_to_drop(counts, self._sole_source)
-        if out is None:
-            return
-        address = peer_to_dial(options, self._rng)
-        assert address is not None
-        # First in line for _dial_more, which fills the place the dropped peer leaves.
-        with contextlib.suppress(ValueError):
-            self._addresses.remove(address)
-        self._addresses.insert(0, address)
-        log.debug("rotating peer %s out for %s on %s", out.link.address, address, self.digest)
-        self.stats["rotated"] += 1
-        self._failed[out.link.address] = now
-        self._forget(out)
-        self._wakeup.set()
-        await out.link.aclose()
+        dropped: list[_Peer] = []
+        for _ in range(count):
+            # (after _forget: our availability no longer counts the peers dropped before)
+            out = peer_to_drop(counts, self._sole_source)
+            if out is None:
+                break
+            address = peer_to_dial(options, self._rng)
+            assert address is not None
+            # First in line for _dial_more, which fills the places the dropped peers leave.
+            with contextlib.suppress(ValueError):
+                self._addresses.remove(address)
+            self._addresses.insert(0, address)
+            log.debug("rotating peer %s out for %s on %s", out.link.address, address, self.digest)
+            self.stats["rotated"] += 1
+            self._failed[out.link.address] = now
+            self._forget(out)
+            dropped.append(out)
+            counts = [entry for entry in counts if entry[0] is not out]
+            options.remove(address)
+            if not options:
+                break
+        if dropped:
+            self._wakeup.set()
+            for out in dropped:
+                await out.link.aclose()
 
     def _may_dial(self, address: str, connected: set[str], now: float) -> bool:
         """``address`` is not a peer of ours, not being dialled, and not dropped or failed

@@ -41,6 +41,7 @@ from p2preg.config import AgentConfig
 from p2preg.digest import Digest
 from p2preg.errors import RegistryError, TrackerUnavailable
 from p2preg.metainfo import MetaInfo
+from p2preg.peer_rotation import rotations_at_answer
 from tracker.client import AnnounceResult, TrackerClient
 
 log = logging.getLogger(__name__)
@@ -385,7 +386,7 @@ class SwarmCoordinator:
             # lists first are the least handed out now, and the nodes that rotated to an
             # answer 10 s old piled onto peers many others had been sent to since (simulated:
             # p99 1.39x against 1.33x; docs/simulator.md, finding 14).
-            await swarm.rotate(handout)
+            await swarm.rotate(handout, rotations_at_answer(result.downloading_interval))
             # (Only when hashes hold us up: peers send theirs when asked, and a tracker call
             # costs the agent 1.2-1.4 ms of CPU, measured.)
             if not assembly.metainfo.complete and (not swarm.peers or swarm.lacks_hashes()):

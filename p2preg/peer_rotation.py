@@ -24,6 +24,13 @@ downloads from as many peers as its limit drops one and dials one from the answe
   the peers holding most pieces first, the origin fetcher first of all, and every agent dialled
   it: 383 of 500 nodes waited at its 3 upload slots for their last piece (500 x 256 MiB @ 100
   MiB/s: 1.33 -> 1.57 x the bound; at random, 1.32).
+- how many: one per ROTATION_SPACING (5 s) of the pace the answer set, rounded, at least one
+  and at most two: one while answers come every few seconds, two where the tracker paces the
+  agent's announces 7.5 s apart or more (p2preg/announce_pacing.py: 10 s at 10,000
+  downloaders). Rotating one peer per 10 s answer undoes the crowding more slowly
+  than it builds: 10,000 nodes x 1 GiB in three zones, p99 1.289 -> 1.270 and 1.309 -> 1.286
+  the bound with two (seeds 1 and 3); at 1,000 nodes paced to 10 s, 1.286 -> 1.268, and three
+  gave no more (1.266). Each is a drop and a dial as above, in turn.
 
 The agent (agent/swarm.py, Swarm.rotate) and the simulator (simulations/simulator.py) both call
 the functions below.
@@ -47,6 +54,19 @@ class _Pieces(Protocol):
 
 # Requests withdrawn at a peer since the last rotation before it may be dropped.
 MIN_STARVED = 1
+
+# Seconds of announce pace per peer rotated at a tracker answer (rounded); at most
+# MAX_ROTATIONS per answer (three did no better than two where measured).
+ROTATION_SPACING = 5.0
+MAX_ROTATIONS = 2
+
+
+def rotations_at_answer(pace: float | None) -> int:
+    """How many peers to rotate at a tracker answer that set the announce ``pace``, seconds
+    until the next (None: a tracker that does not pace; its agents announce every second)."""
+    if pace is None or not pace > 0:  # (nor a NaN)
+        return 1
+    return max(1, round(min(pace / ROTATION_SPACING, MAX_ROTATIONS)))  # (an inf is MAX)
 
 
 def peer_to_drop(peers: Iterable[tuple[K, int, int]], sole_source: Callable[[K], bool]) -> K | None:

@@ -68,7 +68,7 @@ from p2preg.metainfo import (
     piece_count,
     piece_length_for,
 )
-from p2preg.peer_rotation import only_source, peer_to_dial, peer_to_drop
+from p2preg.peer_rotation import only_source, peer_to_dial, peer_to_drop, rotations_at_answer
 from p2preg.piece_picker import PiecePicker, queued_to_take_over
 from p2preg.swarm_limits import (
     DOWNLOAD_PEERS,
@@ -1746,7 +1746,8 @@ class Simulator:
             record = node.record
             if node.alive:
                 if node.done_at is None and now >= node.next_announce:
-                    node.next_announce = now + self.calendar.pace(now, downloading)
+                    pace = self.calendar.pace(now, downloading)
+                    node.next_announce = now + pace
                     if record is not None and record.pieces != len(node.have):
                         self._record(node, now)
                     if node.swarming and node.rotates and len(node.downloads) >= node.peer_limit:
@@ -1756,7 +1757,7 @@ class Simulator:
                     else:
                         self._size_for_swarm(node, others, now)
                     if node.swarming:
-                        self._rotate(node, now)
+                        self._rotate(node, now, rotations_at_answer(pace))
             elif record is not None and node.died_at is not None and now - node.died_at >= PEER_TTL:
                 self.tiers.remove(node.peer_id)
                 node.record = None
@@ -1772,11 +1773,12 @@ class Simulator:
         if self.remaining_nodes > 0:
             self._push(now + ANNOUNCE_INTERVAL, _SWEEP, None)
 
-    def _rotate(self, node: _Node, now: float) -> None:
+    def _rotate(self, node: _Node, now: float, count: int = 1) -> None:
         """The tracker answered ``node``: where it rotates peers (more than 16 others, from its
         second count: p2preg.swarm_limits.rotates_peers), at its peer limit, it drops the peer
         where its requests starved most since the last answer and dials one of the answer
-        instead (agent/swarm.py, Swarm.rotate; the choices are p2preg.peer_rotation's)."""
+        instead, ``count`` times at most (agent/swarm.py, Swarm.rotate; the choices are
+        p2preg.peer_rotation's)."""
         conns = list(node.downloads.values())
         counts = [(c, c.withdrawn, c.delivered) for c in conns]
         for c in conns:
@@ -1800,15 +1802,23 @@ class Simulator:
                 availability.extend(self._availability(node))
             return only_source(c.src.have, node.have, availability)
 
-        out = peer_to_drop(counts, sole_source)
-        if out is None:
-            return
-        index = peer_to_dial(options, self.policy_rng)
-        assert index is not None
-        self.stats["rotated"] += 1
-        self._close(out, now, backoff=True)
-        if not self._connect(node, self.nodes[index], now):
-            failed_at[index] = now  # (_close asked _dial_more to fill the place meanwhile)
+        for _ in range(count):
+            out = peer_to_drop(counts, sole_source)
+            if out is None:
+                return
+            index = peer_to_dial(options, self.policy_rng)
+            assert index is not None
+            self.stats["rotated"] += 1
+            self._close(out, now, backoff=True)
+            if not self._connect(node, self.nodes[index], now):
+                failed_at[index] = now  # (_close asked _dial_more to fill the place meanwhile)
+            # The next turn: the peers left, the answer's others not connected since (_close's
+            # _dial_more may have dialled some), availability without the one dropped.
+            counts = [entry for entry in counts if entry[0] is not out]
+            options = [i for i in options if i != index and i not in downloads]
+            availability.clear()
+            if not options:
+                return
 
     # -- origin-fetch lease ------------------------------------------------------------------------
 

@@ -3,12 +3,20 @@ swarm, and which of the answer it dials instead (shared by the agent and the sim
 
 from __future__ import annotations
 
+import math
 import random
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2preg.peer_rotation import MIN_STARVED, peer_to_dial, peer_to_drop
+from p2preg.peer_rotation import (
+    MAX_ROTATIONS,
+    MIN_STARVED,
+    peer_to_dial,
+    peer_to_drop,
+    rotations_at_answer,
+)
 
 
 def _never_sole(_: str) -> bool:
@@ -66,3 +74,23 @@ def test_the_dropped_peer_is_a_most_starved_one_that_is_not_a_sole_source(
     assert out is not None and out not in sole
     _, starved, delivered = peers[out]
     assert (starved, -delivered) == max((s, -d) for s, d in eligible)
+
+
+@pytest.mark.parametrize(
+    ("pace", "count"),
+    [
+        (None, 1),  # a tracker that does not pace: an answer a second
+        (1.0, 1),
+        (2.0, 1),  # 1,000 downloaders at the default budget
+        (7.4, 1),
+        (7.5, 2),
+        (10.0, 2),  # the ceiling: 10,000 downloaders
+        (3600.0, MAX_ROTATIONS),
+        (math.inf, MAX_ROTATIONS),
+        (0.0, 1),
+        (-5.0, 1),
+        (math.nan, 1),
+    ],
+)
+def test_rotations_at_an_answer_follow_the_pace(pace: float | None, count: int) -> None:
+    assert rotations_at_answer(pace) == count

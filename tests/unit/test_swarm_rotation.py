@@ -128,3 +128,47 @@ async def test_the_peer_dialled_in_is_new_not_dialling_and_not_dropped_lately(
     await _starve(s, peers[0][0])
     await s.rotate(["p1", "x", "y", "z"])
     assert s._addresses[0] == "z"
+
+
+async def test_at_a_slow_pace_two_starved_peers_are_swapped_for_two_of_the_answer(
+    swarm: tuple[Swarm, bytes],
+) -> None:
+    s, _ = swarm
+    peers = _full(s)
+    (first, first_link), (second, second_link) = peers[2], peers[5]
+    asked = await _starve(s, first) | await _starve(s, second)
+    second.withdrawn = 2  # the more starved: it goes first
+    peers[0][0].delivered = 9  # (not starved: it stays whatever it delivered)
+
+    await s.rotate(["p0", "new1", "new2", "new3"], count=2)
+
+    assert b"p2" not in s.peers and b"p5" not in s.peers
+    assert first_link.closed and second_link.closed
+    assert s.stats["rotated"] == 2 and len(s.peers) == len(peers) - 2
+    assert not asked & set(s.picker.in_flight), "their requests did not go back to the picker"
+    # Two distinct peers of the answer are dialled in their places, neither dropped one again.
+    nursery = _Nursery()
+    s._dial_more(nursery)  # type: ignore[arg-type]
+    assert len(set(nursery.dialled[:2])) == 2 and set(nursery.dialled[:2]) <= {
+        "new1",
+        "new2",
+        "new3",
+    }
+    assert "p2" not in nursery.dialled and "p5" not in nursery.dialled
+
+
+async def test_no_more_swaps_than_starved_peers_or_new_peers_of_the_answer(
+    swarm: tuple[Swarm, bytes],
+) -> None:
+    s, _ = swarm
+    peers = _full(s)
+    await _starve(s, peers[1][0])
+    await s.rotate(["new1", "new2"], count=2)  # one starved peer: one swap
+    assert s.stats["rotated"] == 1 and b"p1" not in s.peers
+
+    join(s, "new1", ALL)  # (full again: the dialled peer connected)
+    await _starve(s, peers[3][0])
+    await _starve(s, peers[4][0])
+    await s.rotate(["p0", "new3"], count=2)  # one new peer in the answer: one swap
+    assert s.stats["rotated"] == 2
+    assert (b"p3" in s.peers) != (b"p4" in s.peers)
