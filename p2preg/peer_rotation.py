@@ -29,8 +29,9 @@ downloads from as many peers as its limit drops one and dials one from the answe
   agent's announces 7.5 s apart or more (p2preg/announce_pacing.py: 10 s at 10,000
   downloaders). Rotating one peer per 10 s answer undoes the crowding more slowly
   than it builds: 10,000 nodes x 1 GiB in three zones, p99 1.289 -> 1.270 and 1.309 -> 1.286
-  the bound with two (seeds 1 and 3); at 1,000 nodes paced to 10 s, 1.286 -> 1.268, and three
-  gave no more (1.266). Each is a drop and a dial as above, in turn.
+  the bound with two (seeds 1 and 3, simulated); at 1,000 nodes paced to 10 s, 1.286 ->
+  1.268, and three gave no more (1.266). Each is a drop and a dial as above, in turn
+  (docs/simulator.md, finding 16).
 
 The agent (agent/swarm.py, Swarm.rotate) and the simulator (simulations/simulator.py) both call
 the functions below.
