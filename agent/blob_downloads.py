@@ -282,8 +282,7 @@ def _total_size(response: httpx.Response) -> int | None:
     if response.status_code == 206:
         total = response.headers.get("content-range", "").rpartition("/")[2]
         return parse_decimal(total)
-    length = response.headers.get("content-length")
-    return None if length is None else parse_decimal(length)
+    return parse_decimal(response.headers.get("content-length"))
 
 
 def _single_leaf(exc: BaseException) -> BaseException:

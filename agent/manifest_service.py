@@ -94,8 +94,7 @@ class ManifestService:
     ) -> ManifestHead:
         response = await self._origin.head_manifest(request, tag, accept)
         digest_header = response.headers.get("docker-content-digest")
-        length = response.headers.get("content-length")
-        size = None if length is None else parse_decimal(length)
+        size = parse_decimal(response.headers.get("content-length"))
         if digest_header and size is not None:
             digest = Digest.parse(digest_header)
             media_type = manifest_media_type(response.headers.get("content-type"), None)

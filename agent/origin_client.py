@@ -346,8 +346,7 @@ def _challenge_header(response: httpx.Response) -> dict[str, str]:
 
 
 async def _read_bounded(response: httpx.Response, limit: int) -> bytes:
-    declared = response.headers.get("content-length")
-    if declared is not None and (parse_decimal(declared) or 0) > limit:
+    if (parse_decimal(response.headers.get("content-length")) or 0) > limit:
         raise RegistryError("MANIFEST_INVALID", f"origin sent a manifest over {limit} bytes")
     body = bytearray()
     async for chunk in response.aiter_bytes():

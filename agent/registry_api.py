@@ -212,8 +212,7 @@ class RegistryEndpoint:
             if active is not None and active.size is not None:
                 return self._blob_response(digest, active.size, None, None)
             response = await self._origin.head_blob(origin_request, digest)
-            length = response.headers.get("content-length")
-            size = None if length is None else parse_decimal(length)
+            size = parse_decimal(response.headers.get("content-length"))
             return self._blob_response(digest, size, None, None)
         return await self._streamed_blob(request, origin_request, digest)
 

@@ -381,8 +381,8 @@ class TrackerConfig:
 
 def _as_int(low: int, high: int) -> Callable[[Any, str], int]:
     def convert(value: Any, what: str) -> int:
-        if isinstance(value, str) and parse_decimal(value.strip()) is not None:
-            value = parse_decimal(value.strip())
+        if isinstance(value, str) and (number := parse_decimal(value.strip())) is not None:
+            value = number
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
             raise ConfigError(f"{what}: expected a whole number {low}..{high}, got {value!r}")
         return value

@@ -37,9 +37,10 @@ _DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 DECIMAL_CAP = 10**18
 
 
-def parse_decimal(text: str) -> int | None:
+def parse_decimal(text: str | None) -> int | None:
     """The value of an unsigned decimal field (a Content-Length, a Range position, a port):
-    ASCII digits only, None for anything else, DECIMAL_CAP for more than 18 digits.
+    ASCII digits only, None for anything else (an absent header too), DECIMAL_CAP for more
+    than 18 digits.
 
     ``str.isdigit()`` is no test for this: it is true for '\u00b2' and for other scripts'
     digits (latin-1 header bytes decode to some of them), which int() then refuses or reads,
